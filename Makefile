@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine with Python 3.11: `make tutorial` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROFILE ?= auto
+
+.PHONY: tutorial test unit lab model check clean distclean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+model: $(STAMP)  ## convert the embedded Gemma base once (cached in ~/.cache/gemma-course or $$COURSE_CACHE)
+	$(PY) -c "from utils.models import ensure_embedded_model; print(ensure_embedded_model())"
+
+tutorial: model  ## run every notebook in order on the best profile this machine supports
+	$(PY) -m utils.run --profile $(PROFILE)
+
+test: model  ## lint, unit tests, then every notebook under papermill on the cpu profile
+	$(VENV)/bin/ruff check utils tests notebooks benchmarks
+	$(PY) -m pytest
+
+unit: model  ## the fast tests only (under a minute)
+	$(PY) -m pytest -m "not notebook"
+
+check: $(STAMP)  ## what this machine has and what `make tutorial` would cost
+	$(PY) -m utils.run --check
+
+lab: model  ## Jupyter Lab with the course's kernel registered
+	$(PY) -m pip install --quiet -e ".[dev,lab]"
+	$(PY) -m ipykernel install --user --name gemma-course --display-name "Gemma course (.venv)"
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:  ## remove run outputs and caches (keeps the venv and the model cache)
+	rm -rf outputs .pytest_cache .ruff_cache
+	find . -name __pycache__ -not -path "./$(VENV)/*" -exec rm -rf {} +
+
+distclean: clean  ## also remove the venv
+	rm -rf $(VENV) *.egg-info

