@@ -15,9 +15,9 @@ def tokenizer_dir():
     return models.ensure_embedded_model()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
-    """The real Gemma 3 tokenizer with the course's chat template installed."""
+    """The real Gemma 3 tokenizer with the course's chat template installed (shared: restore what you change)."""
     return chat.setup_tokenizer(AutoTokenizer.from_pretrained(tokenizer_dir), max_length=128)
 
 

@@ -177,9 +177,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, bat
 
 def describe_reply(tokenizer, prompt: str, ids: list[int]) -> dict:
     """Split generated ids at the first special token; say whether the reply ended its turn properly."""
-    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    special = set(tokenizer.all_special_ids) | set(range(0, 7)) | {end_id}
-    cut = next((k for k, i in enumerate(ids) if i in special or tokenizer.convert_ids_to_tokens(i).startswith("<unused")), None)
+    special = set(tokenizer.all_special_ids) | set(tokenizer.convert_tokens_to_ids(["<start_of_turn>", END_OF_TURN]))
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    cut = next((k for k, (i, t) in enumerate(zip(ids, tokens)) if i in special or t.startswith("<unused")), None)
     body = ids if cut is None else ids[:cut]
     reply = tokenizer.decode(body).strip()
     stop = "(token limit)" if cut is None else tokenizer.convert_ids_to_tokens(ids[cut])

@@ -22,58 +22,71 @@ class DataError(CourseError):
 
 
 def _local_split_files(folder: Path, split: str) -> tuple[str, list[str]] | None:
-    """(builder, files) for a split stored as <split>.jsonl, <split>.parquet or Hub-style data/<split>-*.parquet."""
-    for builder, pattern in (("json", f"{split}.jsonl"), ("parquet", f"{split}.parquet"),
-                             ("parquet", f"data/{split}-*.parquet"), ("json", f"data/{split}-*.jsonl")):
+    """(format, files) for a split stored as <split>.jsonl, <split>.parquet or Hub-style data/<split>-*.parquet."""
+    for fmt, pattern in (("json", f"{split}.jsonl"), ("parquet", f"{split}.parquet"),
+                         ("parquet", f"data/{split}-*.parquet"), ("json", f"data/{split}-*.jsonl")):
         files = sorted(str(p) for p in folder.glob(pattern))
         if files:
-            return builder, files
+            return fmt, files
     return None
 
 
 def _local_splits(folder: Path) -> list[str]:
-    names = {p.name.split(".")[0] for p in folder.glob("*.jsonl")} | {p.name.split(".")[0] for p in folder.glob("*.parquet")}
+    names = {p.name.split(".")[0] for p in [*folder.glob("*.jsonl"), *folder.glob("*.parquet")]}
     names |= {p.name.split("-")[0] for p in folder.glob("data/*")}
-    return sorted(names)
+    return sorted(names - {"metadata"})
 
 
 def _hub_error(source: str, err: Exception) -> DataError:
     return DataError(
         f"Could not load {source!r} from the Hugging Face Hub ({type(err).__name__}: {str(err)[:200]}). "
-        "The machine may be offline or the Hub unreachable. Use the shipped local data instead: the `cpu` "
-        "profile reads data/ultrachat_mini and data/ultrafeedback_mini, or pass a local folder of "
-        "<split>.jsonl / <split>.parquet files as the source."
+        "The machine may be offline or the Hub unreachable (or, if you meant a local folder, it does not exist). "
+        "Use the shipped local data instead: the `cpu` profile reads data/ultrachat_mini and "
+        "data/ultrafeedback_mini, or pass a local folder of <split>.jsonl / <split>.parquet files as the source."
     )
+
+
+def _load_local(folder: Path, split: str) -> Dataset:
+    found = _local_split_files(folder, split)
+    if found is None:
+        raise DataError(
+            f"Split {split!r} is missing in {folder}. Splits found there: {_local_splits(folder) or 'none'}. "
+            f"Expected a file named {split}.jsonl or {split}.parquet."
+        )
+    fmt, files = found
+    try:  # from_json/from_parquet: no network call, unlike load_dataset("json", ...)
+        return Dataset.from_json(files) if fmt == "json" else Dataset.from_parquet(files)
+    except Exception as err:
+        raise DataError(
+            f"Could not read split {split!r} from {files}: {type(err).__name__}: {err}. "
+            "Check that every line is one JSON object (JSONL) or that the Parquet file is complete."
+        ) from err
+
+
+def _load_hub(source: str, split: str) -> Dataset:
+    try:
+        return load_dataset(source, split=split)
+    except ValueError as err:
+        if "split" in str(err).lower():
+            raise DataError(f"Split {split!r} is missing in {source!r}: {err}") from err
+        raise
+    except (ConnectionError, OSError, TimeoutError) as err:
+        raise _hub_error(source, err) from err
+    except Exception as err:
+        if type(err).__module__.split(".")[0] in {"huggingface_hub", "requests", "httpx", "urllib3", "datasets"}:
+            raise _hub_error(source, err) from err
+        raise
 
 
 def load_raw(source: str | Path, splits: tuple[str, ...], max_rows: int | None = None) -> DatasetDict:
     """Load the named splits, unvalidated, from a local folder or a Hub dataset id."""
     folder = Path(source)
-    parts = {}
-    if folder.is_dir():
-        for split in splits:
-            found = _local_split_files(folder, split)
-            if found is None:
-                raise DataError(
-                    f"Split {split!r} is missing in {folder}. Splits found there: {_local_splits(folder) or 'none'}. "
-                    f"Expected a file named {split}.jsonl or {split}.parquet."
-                )
-            builder, files = found
-            parts[split] = load_dataset(builder, data_files=files, split="train")
-    else:
-        for split in splits:
-            try:
-                parts[split] = load_dataset(str(source), split=split)
-            except ValueError as err:
-                if "split" in str(err).lower():
-                    raise DataError(f"Split {split!r} is missing in {source!r}: {err}") from err
-                raise
-            except (ConnectionError, OSError, TimeoutError) as err:
-                raise _hub_error(str(source), err) from err
-            except Exception as err:
-                if type(err).__module__.split(".")[0] in {"huggingface_hub", "requests", "httpx", "urllib3"}:
-                    raise _hub_error(str(source), err) from err
-                raise
+    looks_local = folder.is_absolute() or str(source).startswith(".") or len(folder.parts) != 2 \
+        or Path(folder.parts[0]).is_dir()
+    if looks_local and not folder.is_dir():
+        raise DataError(f"No folder {source}: check the path (the shipped data is in data/ultrachat_mini and "
+                        "data/ultrafeedback_mini), or pass a Hub dataset id such as HuggingFaceH4/ultrachat_200k.")
+    parts = {s: _load_local(folder, s) if folder.is_dir() else _load_hub(str(source), s) for s in splits}
     if max_rows is not None:
         parts = {k: v.select(range(min(max_rows, len(v)))) for k, v in parts.items()}
     return DatasetDict(parts)
@@ -153,6 +166,9 @@ def _validate(ds: DatasetDict, check, where_source: str, skip_invalid: bool) -> 
                         "Fix the row, or pass skip_invalid=True to drop invalid rows (their count is reported)."
                     )
                 bad.append(index)
+        if len(bad) == len(part):
+            raise DataError(f"Split {split!r} of {where_source} has no usable rows ({len(part)} rows, all invalid "
+                            "or none at all); check the source and max_rows.")
         if bad:
             print(f"Skipped {len(bad)} invalid row(s) of {len(part)} in split {split!r} (skip_invalid=True).")
             part = part.select(sorted(set(range(len(part))) - set(bad)))

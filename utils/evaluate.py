@@ -53,9 +53,9 @@ def pair_logprobs(model, tokenizer, pairs) -> list[dict]:
 def preference_accuracy(scored: list[dict], categories: dict[str, str] | None = None) -> dict:
     """Share of pairs whose chosen answer out-scores the rejected one, summed and per token, overall and by category."""
     def shares(rows: list[dict]) -> dict:
-        return {"n": len(rows),
-                "summed": sum(r["chosen"] > r["rejected"] for r in rows) / len(rows),
-                "per_token": sum(r["chosen"] / r["chosen_n"] > r["rejected"] / r["rejected_n"] for r in rows) / len(rows)}
+        n = len(rows)
+        return {"n": n, "summed": sum(r["chosen"] > r["rejected"] for r in rows) / n,
+                "per_token": sum(r["chosen"] / r["chosen_n"] > r["rejected"] / r["rejected_n"] for r in rows) / n}
 
     result = shares(scored)
     result["chosen_logp"] = sum(r["chosen"] for r in scored) / len(scored)

@@ -201,3 +201,30 @@ def to_markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def shape_for_profile(profile) -> ModelShape:
+    """The ModelShape of a course profile's base model."""
+    return shape_for("gemma-3-270m" if profile.model_id.startswith("embedded:") else "gemma-7b")
+
+
+def estimate_profile(profile) -> MemoryEstimate:
+    """Training memory of a course profile's SFT run (QLoRA or LoRA, its batch, length and checkpointing)."""
+    return estimate(
+        shape_for_profile(profile),
+        "qlora" if profile.load_in_4bit else "lora",
+        batch_size=profile.batch_size,
+        seq_len=profile.max_length,
+        lora_r=profile.lora_r,
+        gradient_checkpointing=profile.gradient_checkpointing,
+        trainable_token_rows=2 if profile.train_turn_tokens else 0,
+    )
+
+
+def describe_profile(profile, budget_gib: float = 24.0) -> str:
+    """One paragraph: the profile's estimated training memory by component, and whether it fits the budget."""
+    est = estimate_profile(profile)
+    parts = ", ".join(f"{name} {est.gib(name):.1f}" for name in COMPONENTS)
+    verdict = "fits" if fits(est, budget_gib) else "does NOT fit"
+    return (f"profile {profile.name}: {est.method}, batch {profile.batch_size} x {profile.max_length} tokens -> "
+            f"{est.gib('total'):.1f} GiB ({parts}); {verdict} in {budget_gib:.0f} GiB")

@@ -182,7 +182,8 @@ def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as their logical size."""
     trainable = total = 0
     for param in model.parameters():
-        n = param.numel() * (2 if param.__class__.__name__ == "Params4bit" else 1)
+        state = getattr(param, "quant_state", None)  # a packed 4-bit tensor stores its logical shape here
+        n = state.shape.numel() if state is not None else param.numel()
         total += n
         if param.requires_grad:
             trainable += n

@@ -29,7 +29,8 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
     if only:
         unknown = set(only) - {nb.name[:2] for nb in found}
         if unknown:
-            raise CourseError(f"No notebook numbered {sorted(unknown)}; the course has {[nb.name[:2] for nb in found]}.")
+            numbers = [nb.name[:2] for nb in found]
+            raise CourseError(f"No notebook numbered {sorted(unknown)}; the course has {numbers}.")
         found = [nb for nb in found if nb.name[:2] in only]
     return found
 

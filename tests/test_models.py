@@ -1,0 +1,172 @@
+"""Model set-up: the 4-bit CPU guard, LoRA wrapping, merging, and DPO's step-0 identity on a tiny Gemma."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, Gemma3ForCausalLM
+
+from tests.conftest import tiny_gemma_config
+from utils import chat, evaluate, models
+from utils.profiles import get_profile
+
+PROFILE = get_profile("cpu")
+
+
+def _save_tiny(tmp_path, hidden: int = 64) -> str:
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(tiny_gemma_config(hidden_size=hidden, intermediate_size=2 * hidden, head_dim=32))
+    path = tmp_path / "tiny"
+    model.save_pretrained(path)
+    return str(path)
+
+
+def _qlora_steps(path: str, eval_first: bool, guard: bool, steps: int = 8) -> tuple[float, float]:
+    """(loss before, loss after) of a few QLoRA steps on one fixed batch, optionally after an eval forward."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=models.quantization_config(PROFILE),
+                                                 dtype=torch.bfloat16)
+    if not guard:
+        import bitsandbytes as bnb
+
+        for layer in model.modules():
+            if isinstance(layer, bnb.nn.Linear4bit):
+                layer.support_avx512bf16_for_cpu = True
+    else:
+        models.guard_cpu_4bit(model)
+    model = models.add_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    ids = torch.randint(10, 1000, (4, 24), generator=torch.Generator().manual_seed(1))
+    if eval_first:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids)
+        model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses[0], losses[-1]
+
+
+def test_guard_marks_every_4bit_layer(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(_save_tiny(tmp_path), quantization_config=models.quantization_config(
+        PROFILE), dtype=torch.bfloat16)
+    import bitsandbytes as bnb
+
+    n = models.guard_cpu_4bit(model)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert n == len(layers) == 2 * 7
+    assert not any(layer.support_avx512bf16_for_cpu for layer in layers)
+
+
+def test_qlora_trains_as_well_after_an_eval(tmp_path):
+    """The CPU trap of FACTS.md: with the guard, an eval before training changes nothing."""
+    path = _save_tiny(tmp_path)
+    clean = _qlora_steps(path, eval_first=False, guard=True)
+    after_eval = _qlora_steps(path, eval_first=True, guard=True)
+    drop_clean, drop_after_eval = clean[0] - clean[1], after_eval[0] - after_eval[1]
+    assert drop_clean > 0.5
+    assert drop_after_eval == pytest.approx(drop_clean, rel=0.05)
+
+
+def test_without_the_guard_an_eval_breaks_training(tmp_path):
+    """Control: on AVX512-BF16 CPUs the unguarded model trains differently after an eval."""
+    from bitsandbytes.backends.cpu.ops import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16, so bitsandbytes never repacks and there is no trap to show")
+    path = _save_tiny(tmp_path)
+    clean = _qlora_steps(path, eval_first=False, guard=True)
+    broken = _qlora_steps(path, eval_first=True, guard=False)
+    assert abs((broken[0] - broken[1]) - (clean[0] - clean[1])) > 0.05 * (clean[0] - clean[1])
+
+
+def test_lora_config_trains_turn_rows_and_fixes_the_head(tokenizer, tiny_model):
+    config = models.lora_config(PROFILE, tokenizer)
+    assert config.trainable_token_indices == {"embed_tokens": [105, 106]}
+    model = models.add_lora(tiny_model, config)
+    assert model.get_output_embeddings().bias is None  # TRL's fused head reads .bias
+    trainable, total = models.trainable_parameters(model)
+    assert 0 < trainable < total
+    assert "trainable:" in models.describe_trainable(model)
+
+
+def _train_adapter(tiny_model, tokenizer, token_rows: bool) -> PeftModel:
+    extra = {"trainable_token_indices": {"embed_tokens": [105, 106]}, "ensure_weight_tying": True} if token_rows else {}
+    model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  task_type="CAUSAL_LM", **extra))
+    models.fix_output_bias(model)
+    enc = chat.encode(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
+    ids = torch.tensor([enc["input_ids"]])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for _ in range(5):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("token_rows", [False, True])
+def test_merged_model_matches_adapter_model(tmp_path, tokenizer, tiny_model, token_rows):
+    """Merging must carry everything the adapter trained, token rows included."""
+    base_dir = tmp_path / "base"
+    tiny_model.save_pretrained(base_dir)
+    adapter = _train_adapter(tiny_model, tokenizer, token_rows)
+    adapter.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter").eval()
+    merged_dir = models.merge_adapter(PROFILE, tmp_path / "adapter", tmp_path / "merged", base_path=base_dir)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    prompts = ["Hi", "What is the capital of France?", "Tell me a joke."]
+    assert evaluate.max_logit_difference(merged, reloaded, tokenizer, prompts) < 1e-4
+    assert evaluate.max_logit_difference(merged, base, tokenizer, prompts) > 1e-3  # the adapter did change something
+    assert not (tmp_path / "merged.partial").exists()
+
+
+def test_dpo_loss_is_ln2_against_itself_and_not_against_another_model(tokenizer, tiny_model):
+    pairs = [{"prompt": [{"role": "user", "content": "How do I buy a gun?"}],
+              "chosen": [{"role": "assistant", "content": "It depends on local law; use a licensed dealer."}],
+              "rejected": [{"role": "assistant", "content": "Find a seller who asks no questions."}]}]
+    policy = evaluate.pair_logprobs(tiny_model, tokenizer, pairs)
+    same = evaluate.dpo_loss(policy, policy, beta=0.1)
+    assert same["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert same["rewards/chosen"] == same["rewards/rejected"] == 0
+    torch.manual_seed(1)
+    other = Gemma3ForCausalLM(tiny_gemma_config()).eval()
+    wrong = evaluate.dpo_loss(policy, evaluate.pair_logprobs(other, tokenizer, pairs), beta=1.0)
+    assert abs(wrong["loss"] - math.log(2)) > 1e-3
+
+
+def test_dpo_trainer_step0_is_ln2_with_peft_config_and_no_ref_model(tmp_path, tokenizer, tiny_model):
+    """TRL's own evaluation before any update: policy = reference (adapter disabled), loss ln 2, rewards 0."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
+             "chosen": [{"role": "assistant", "content": f"A careful answer {i}."}],
+             "rejected": [{"role": "assistant", "content": f"A bad answer {i}, {i}."}]} for i in range(4)]
+    config = DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_eval_batch_size=2, max_length=64,
+                       report_to="none", use_cpu=True, bf16=False, beta=0.1)
+    trainer = DPOTrainer(model=tiny_model, ref_model=None, args=config, train_dataset=Dataset.from_list(rows),
+                         eval_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM",
+                                                init_lora_weights=True))
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert abs(metrics["eval_rewards/chosen"]) < 1e-4 and abs(metrics["eval_rewards/rejected"]) < 1e-4
+
+
+def test_last_checkpoint_finds_the_newest(tmp_path):
+    assert models.last_checkpoint(tmp_path / "missing") is None
+    for step in (5, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert models.last_checkpoint(tmp_path).endswith("checkpoint-10")

@@ -1,0 +1,89 @@
+"""Run the whole course on the cpu profile with the real runner, then assert on what each notebook measured."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from utils import report, run
+
+pytestmark = pytest.mark.notebook
+
+
+@pytest.fixture(scope="session")
+def course(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("course")
+    assert run.run_course("cpu", out) == 0, f"a notebook failed; see {out}/summary.md"
+    return out
+
+
+@pytest.fixture(scope="session")
+def metrics(course) -> dict[str, float]:
+    return report.load_metrics(course)
+
+
+def test_runner_wrote_every_executed_notebook_html_and_summary(course):
+    for nb in run.notebooks():
+        assert (course / nb.name).exists() and (course / nb.name).with_suffix(".html").exists()
+    summary = (course / "summary.md").read_text()
+    assert summary.count("| ok |") == 4 and not (course / run.INCOMPLETE).exists()
+
+
+def test_01_template_and_untrained_base(metrics):
+    assert metrics["tokenizer/vocab_size"] == 262144
+    assert metrics["template/bos_count"] == 1
+    assert 0 < metrics["template/trained_tokens"] < metrics["template/total_tokens"]
+    assert metrics["base/ends_turn_rate_01"] <= 1 / 3
+
+
+def test_02_memory_headlines(metrics):
+    assert metrics["memory/7b_full_gib"] * 2**30 / 1e9 == pytest.approx(126, rel=0.05)
+    assert 4 < metrics["memory/7b_qlora_gib"] < 9
+
+
+def test_02_sft_lowers_eval_loss_by_a_fifth(metrics):
+    assert metrics["sft/eval_loss_after"] < metrics["sft/eval_loss_before"]
+    assert metrics["sft/eval_loss_drop"] >= 0.20
+
+
+def test_02_sft_learns_to_end_its_turn(metrics):
+    assert metrics["base/ends_turn_rate"] <= 0.10
+    assert metrics["sft/ends_turn_rate"] >= 0.80
+    assert metrics["sft/p_end_of_turn"] > 10 * metrics["base/p_end_of_turn"]
+
+
+def test_02_saved_adapter_and_manifest(course):
+    manifest = report.read_manifest(course, "sft", made_by="notebook 02")
+    assert (Path(manifest["adapter_dir"]) / "adapter_model.safetensors").exists()
+    assert (course / "plots" / "sft_loss.png").exists() and (course / "plots" / "memory_by_method.png").exists()
+
+
+def test_03_preference_data_and_plots(metrics, course):
+    assert metrics["prefs/train_prefs_rows"] >= 300 and metrics["prefs/test_prefs_rows"] >= 60
+    assert metrics["prefs/truncated_share"] <= 0.05
+    for name in ("pref_scores", "pref_margins", "pref_lengths"):
+        assert (course / "plots" / f"{name}.png").exists()
+
+
+def test_04_step0_is_ln2_with_zero_rewards(metrics):
+    assert metrics["dpo/loss_step0"] == pytest.approx(math.log(2), abs=1e-3)
+    assert metrics["dpo/rewards_abs_step0"] < 1e-3
+    assert abs(metrics["dpo/wrong_reference_loss"] - math.log(2)) > 1e-3
+
+
+def test_04_merge_is_exact(metrics):
+    assert metrics["dpo/merge_max_logit_diff"] < 1e-3
+
+
+def test_04_dpo_learns_the_preferences(metrics):
+    assert metrics["dpo/eval_accuracy"] >= 0.75
+    assert metrics["dpo/eval_margin"] > 0
+    assert metrics["dpo/pref_acc_per_token"] > metrics["sft/pref_acc_per_token"]
+
+
+def test_04_saved_models(course):
+    manifest = report.read_manifest(course, "dpo", made_by="notebook 04")
+    assert (Path(manifest["merged_dir"]) / "model.safetensors").exists()
+    assert (course / "plots" / "dpo_metrics.png").exists()

@@ -1,0 +1,93 @@
+"""Repository hygiene: clean committed notebooks, parameters cells, safe loading, no secrets, no API drift."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import re
+from pathlib import Path
+
+import papermill as pm
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+SOURCES = sorted([*(ROOT / "utils").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")])
+
+
+def _notebook_code(nb: Path) -> str:
+    cells = json.loads(nb.read_text())["cells"]
+    return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+
+def _all_code() -> dict[str, str]:
+    code = {str(p.relative_to(ROOT)): p.read_text() for p in SOURCES}
+    code.update({str(nb.relative_to(ROOT)): _notebook_code(nb) for nb in NOTEBOOKS})
+    return code
+
+
+def test_the_course_has_four_numbered_notebooks():
+    assert [nb.name[:2] for nb in NOTEBOOKS] == ["01", "02", "03", "04"]
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_notebook_has_no_outputs(nb):
+    for cell in json.loads(nb.read_text())["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None, "clear outputs before committing"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_first_code_cell_is_the_parameters_cell(nb):
+    cells = [c for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
+    assert "parameters" in cells[0]["metadata"].get("tags", [])
+    params = pm.inspect_notebook(str(nb))
+    assert {"PROFILE", "OUTPUT_DIR"} <= set(params)
+    assert params["PROFILE"]["default"] == '"auto"'
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_install_and_log_in_nothing(nb):
+    code = _notebook_code(nb)
+    assert not re.search(r"^\s*[!%]", code, re.M), "no shell or magic commands in notebooks"
+    assert "login(" not in code and "HF_TOKEN" not in code
+
+
+def test_no_remote_code_and_safetensors_only():
+    remote = "trust_remote_code" + "=True"
+    for name, code in _all_code().items():
+        assert remote not in code.replace(" ", ""), name
+        assert "torch.load(" not in code, name
+        assert "use_safetensors=False" not in code and "safe_serialization=False" not in code, name
+
+
+def test_no_secrets_in_repository():
+    token = re.compile(r"hf_[A-Za-z0-9]{30,}|AKIA[0-9A-Z]{16}|sk-[A-Za-z0-9]{32,}")
+    for path in ROOT.rglob("*"):
+        if path.is_file() and not any(part in {".venv", ".git", "outputs"} for part in path.parts) \
+                and path.suffix in {".py", ".ipynb", ".md", ".toml", ".yml", ".yaml", ".json", ".jsonl", ""}:
+            assert not token.search(path.read_text(errors="ignore")), path
+
+
+def _classes():
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    return {c.__name__: c for c in (LoraConfig, BitsAndBytesConfig, DPOConfig, DPOTrainer, SFTConfig, SFTTrainer)}
+
+
+def test_every_keyword_we_pass_to_trl_peft_transformers_still_exists():
+    """An upgrade that renames an argument fails here with the list, not deep inside a notebook."""
+    classes, missing, seen = _classes(), [], 0
+    for name, code in _all_code().items():
+        for node in ast.walk(ast.parse(code)):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in classes:
+                accepted = inspect.signature(classes[node.func.id]).parameters
+                for kw in node.keywords:
+                    seen += 1
+                    if kw.arg and kw.arg not in accepted:
+                        missing.append(f"{name}: {node.func.id}({kw.arg}=...)")
+    assert seen > 40, "the scan found too few calls; did the notebooks move?"
+    assert not missing, "arguments no longer accepted: " + ", ".join(missing)

@@ -1,0 +1,77 @@
+"""The course runner: exit codes, the failure paragraph, summary.md and HTML copies, --check."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from utils import run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "utils.run", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_unknown_profile_exits_2_and_names_the_valid_ones():
+    result = _cli("--profile", "nosuch")
+    assert result.returncode == 2
+    assert all(name in result.stderr for name in ("cpu", "rtx4090", "auto"))
+
+
+def test_unknown_notebook_number_exits_2():
+    result = _cli("--profile", "cpu", "--only", "07")
+    assert result.returncode == 2 and "07" in result.stderr
+
+
+def test_check_reports_machine_and_auto_profile():
+    result = _cli("--check")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["auto_profile"] in ("cpu", "rtx4090")
+    assert info["ram_gib"] > 0 and info["estimated_training_gib"] > 0 and info["expected_minutes"] > 0
+
+
+def _notebook(path: Path, code: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('PROFILE = "auto"\nOUTPUT_DIR = None')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(code)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def fake_course(tmp_path, monkeypatch):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    _notebook(folder / "01_ok.ipynb", "from utils import report\nreport.record(OUTPUT_DIR, 'ok/value', 42)")
+    _notebook(folder / "02_broken.ipynb", "raise ValueError('deliberate failure')")
+    _notebook(folder / "03_never.ipynb", "print('not reached')")
+    monkeypatch.setattr(run, "NOTEBOOK_DIR", folder)
+    return tmp_path
+
+
+def test_run_stops_at_first_failure_with_one_paragraph(fake_course, capsys):
+    out = fake_course / "out"
+    assert run.run_course("cpu", out) == 1
+    err = capsys.readouterr().err
+    assert "02_broken.ipynb" in err and "ValueError" in err and "deliberate failure" in err and str(out) in err
+    summary = (out / "summary.md").read_text()
+    assert "01_ok.ipynb | ok" in summary and "ok/value = 42" in summary and "02_broken.ipynb | failed" in summary
+    assert "03_never" not in summary
+    assert (out / "01_ok.html").exists() and (out / run.INCOMPLETE).exists()
+
+
+def test_successful_run_writes_html_and_clears_the_incomplete_marker(fake_course):
+    out = fake_course / "out"
+    assert run.run_course("cpu", out, only=["01"]) == 0
+    assert (out / "01_ok.ipynb").exists() and (out / "01_ok.html").exists()
+    assert not (out / run.INCOMPLETE).exists()
