@@ -24,7 +24,7 @@ test: model  ## lint, unit tests, then every notebook under papermill on the cpu
 	$(PY) -m pytest
 
 unit: model  ## the fast tests only (under a minute)
-	$(PY) -m pytest -m "not notebook"
+	$(PY) -m pytest -m "not notebook and not slow"
 
 check: $(STAMP)  ## what this machine has and what `make tutorial` would cost
 	$(PY) -m utils.run --check

@@ -9,14 +9,23 @@ from utils.data import for_sft_trainer, load_sft_dataset
 from utils.errors import CourseError
 
 # The official Gemma instruct template (google/gemma-3-*-it), for comparison on user/assistant conversations.
-OFFICIAL_GEMMA = (
-    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + "
-    "'\n\n' -%}{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}{%- set "
-    "loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}{%- if (message['role'] == 'assistant')"
-    " -%}{%- set role = \"model\" -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}{{ '<start_of_turn>' + "
-    "role + '\n' + (first_user_prefix if loop.first else \"\") }}{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
-    "{%- endfor -%}{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}"
-)
+OFFICIAL_GEMMA = "".join([
+    "{{ bos_token }}",
+    "{%- if messages[0]['role'] == 'system' -%}",
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}",
+    "{%- set loop_messages = messages[1:] -%}",
+    "{%- else -%}",
+    "{%- set first_user_prefix = \"\" -%}",
+    "{%- set loop_messages = messages -%}",
+    "{%- endif -%}",
+    "{%- for message in loop_messages -%}",
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}",
+    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}",
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}",
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}",
+    "{%- endfor -%}",
+    "{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}",
+])
 
 TWO_TURNS = [
     {"role": "user", "content": "What is the capital of France?"},

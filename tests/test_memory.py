@@ -11,9 +11,7 @@ from utils import memory
 from utils.memory import ModelShape, estimate, per_gpu, shape_for
 from utils.profiles import get_profile
 
-# A generic 7B model (Llama-2-7B sizes, 32k vocabulary) with exactly 7e9 parameters, for the rules of thumb.
-SEVEN_B = ModelShape(n_params=7_000_000_000, n_embed_params=32000 * 4096, hidden_size=4096, n_layers=32,
-                     intermediate_size=11008, vocab_size=32000, n_heads=32, n_kv_heads=32, head_dim=128)
+SEVEN_B = shape_for("generic-7b")
 SHAPES = [shape_for("gemma-3-270m"), shape_for("gemma-7b"), SEVEN_B]
 
 

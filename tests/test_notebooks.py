@@ -39,8 +39,8 @@ def test_01_template_and_untrained_base(metrics):
 
 
 def test_02_memory_headlines(metrics):
-    assert metrics["memory/7b_full_gib"] * 2**30 / 1e9 == pytest.approx(126, rel=0.05)
-    assert 4 < metrics["memory/7b_qlora_gib"] < 9
+    assert metrics["memory/7b_full_gb"] == pytest.approx(126, rel=0.01)
+    assert 5 < metrics["memory/7b_qlora_gb"] < 9
 
 
 def test_02_sft_lowers_eval_loss_by_a_fifth(metrics):

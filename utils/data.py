@@ -254,3 +254,17 @@ def length_report(tokenizer, ds: Dataset, max_length: int) -> dict:
     report["max_length"] = max_length
     report["lengths"] = lengths
     return report
+
+
+def check_max_length(tokenizer, ds: Dataset, max_length: int, max_cut_share: float = 0.5) -> float:
+    """Share of rows longer than max_length; raises DataError when even the prompts do not fit for many rows."""
+    report = length_report(tokenizer, ds, max_length)
+    prompt_cut = float(np.mean(np.asarray(report["lengths"]["prompt"]) >= max_length))
+    if prompt_cut > 0 or report["truncated_share"] > max_cut_share:
+        raise DataError(
+            f"max_length={max_length} is too short for this data: {report['truncated_share']:.0%} of rows would be "
+            f"truncated and {prompt_cut:.0%} lose their whole answer (the prompt alone fills max_length; the longest "
+            f"row has {report['total']['max']:.0f} tokens, the 90th percentile {report['total']['p90']:.0f}). "
+            f"Raise max_length (get_profile(PROFILE, max_length=...)) or filter out long rows."
+        )
+    return report["truncated_share"]

@@ -26,13 +26,14 @@ def compare_replies(prompts: list[str], **replies: list[dict]) -> list[dict]:
 
 @torch.no_grad()
 def answer_logprobs(model, tokenizer, prompt: list[dict], answer: list[dict]) -> tuple[float, int]:
-    """(summed log-prob, token count) of the answer's trained tokens given the prompt."""
+    """(summed log-prob, token count) of the answer's trained tokens (reply and <end_of_turn>) given the prompt."""
     enc = encode(tokenizer, prompt + answer)
+    start = len(encode(tokenizer, prompt, add_generation_prompt=True)["input_ids"])
     ids = torch.tensor([enc["input_ids"]], device=model.device)
-    mask = torch.tensor(enc["assistant_masks"][1:], device=model.device, dtype=torch.bool)
-    mask[: len(encode(tokenizer, prompt, add_generation_prompt=True)["input_ids"]) - 1] = False
-    logits = model(input_ids=ids).logits[0, :-1].float()
-    logps = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])[:, 0]
+    # only the answer's positions need the 262k-wide output layer
+    logits = model(input_ids=ids, logits_to_keep=ids.shape[1] - start + 1).logits[0, :-1].float()
+    logps = torch.log_softmax(logits, dim=-1).gather(1, ids[0, start:, None])[:, 0]
+    mask = torch.tensor(enc["assistant_masks"][start:], device=model.device, dtype=torch.bool)
     return float(logps[mask].sum()), int(mask.sum())
 
 

@@ -38,6 +38,7 @@ PRESETS = {
 
 
 def _check(value: str, valid: Iterable[str], what: str) -> None:
+    """Raise a ValueError naming the valid values when value is not one of them."""
     if value not in valid:
         raise ValueError(f"Unknown {what} {value!r}. Valid values: {', '.join(valid)}.")
 
@@ -74,9 +75,16 @@ class ModelShape:
 
 
 def shape_for(name: str) -> ModelShape:
-    """The shape of a preset model: gemma-3-270m, gemma-2b or gemma-7b."""
+    """The shape of a preset model: gemma-3-270m, gemma-2b, gemma-7b, or generic-7b (the 7e9 rule of thumb)."""
+    if name == "generic-7b":
+        return GENERIC_7B
     _check(name, PRESETS, "model")
     return ModelShape.from_config(SimpleNamespace(**PRESETS[name]))
+
+
+# A generic 7B model (Llama-2-7B sizes, 32k vocabulary) with exactly 7e9 parameters, for the rules of thumb.
+GENERIC_7B = ModelShape(n_params=7_000_000_000, n_embed_params=32000 * 4096, hidden_size=4096, n_layers=32,
+                        intermediate_size=11008, vocab_size=32000, n_heads=32, n_kv_heads=32, head_dim=128)
 
 
 def _linear_dims(shape: ModelShape) -> dict[str, tuple[int, int]]:
@@ -152,7 +160,7 @@ def estimate(
     Trainable token rows add rows*hidden params to L, plus the merged embedding PEFT rebuilds each forward (w*E).
     activations: w*tokens*layers*(16*hidden + 4*intermediate), or with gradient checkpointing each layer's input
     (w*tokens*layers*hidden) plus one layer's worth; plus 12*tokens*vocab for the fp32 logits' softmax and gradients.
-    weight_dtype is also the activation dtype; PEFT's QLoRA preparation upcasts the embedding and norms to fp32.
+    weight_dtype is also the activation dtype; PEFT's QLoRA preparation upcasts the embedding to fp32 (pass fp32).
     """
     _check(method, METHODS, "method")
     _check(weight_dtype, DTYPE_BYTES, "weight_dtype")
@@ -228,3 +236,16 @@ def describe_profile(profile, budget_gib: float = 24.0) -> str:
     verdict = "fits" if fits(est, budget_gib) else "does NOT fit"
     return (f"profile {profile.name}: {est.method}, batch {profile.batch_size} x {profile.max_length} tokens -> "
             f"{est.gib('total'):.1f} GiB ({parts}); {verdict} in {budget_gib:.0f} GiB")
+
+
+def check_fits(profile, free_gib: float | None) -> None:
+    """Raise CourseError when the profile's estimated training memory exceeds the free GPU memory."""
+    from utils.errors import CourseError
+
+    need = estimate_profile(profile).gib("total")
+    if free_gib is not None and need > free_gib:
+        raise CourseError(
+            f"Profile {profile.name!r} needs about {need:.1f} GiB of GPU memory (memory.estimate_profile) but only "
+            f"{free_gib:.1f} GiB is free. Close other programs using the GPU, lower batch_size or max_length "
+            "(e.g. get_profile(PROFILE, batch_size=1, max_length=1024)), or use the cpu profile."
+        )

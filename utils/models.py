@@ -117,8 +117,25 @@ def guard_cpu_4bit(model: torch.nn.Module) -> int:
     return len(layers)
 
 
+def check_device(profile: Profile) -> None:
+    """Raise CourseError when a GPU profile runs without a CUDA GPU, or with too little free GPU memory."""
+    from utils.memory import check_fits
+
+    if profile.model_id == EMBEDDED_MODEL_ID:
+        return
+    if not torch.cuda.is_available():
+        raise CourseError(
+            f"Profile {profile.name!r} trains {profile.model_id} and needs a CUDA GPU, but PyTorch sees none. "
+            "Use PROFILE='cpu' (or 'auto', which picks cpu here), or check the GPU driver with `nvidia-smi` and "
+            "that torch is a CUDA build (`python -c 'import torch; print(torch.version.cuda)'`)."
+        )
+    free, _ = torch.cuda.mem_get_info()
+    check_fits(profile, free / 2**30)
+
+
 def load_base_model(profile: Profile, path: str | Path | None = None, quantize: bool | None = None) -> PreTrainedModel:
     """Load the profile's base model (or the checkpoint at path), in 4-bit when the profile says so."""
+    check_device(profile)
     quantize = profile.load_in_4bit if quantize is None else quantize
     kwargs: dict = {"dtype": compute_dtype(profile) if torch.cuda.is_available() else torch.float32}
     if quantize:

@@ -28,11 +28,13 @@ def _series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def loss_curve(log_history: list[dict], ax: Axes | None = None) -> Axes:
-    """Train and eval loss per step from a Trainer's log_history."""
+def loss_curve(log_history: list[dict], eval_before: float | None = None, ax: Axes | None = None) -> Axes:
+    """Train and eval loss per step from a Trainer's log_history; eval_before is plotted at step 0."""
     ax = _ax(ax)
     for key, label, style in (("loss", "train", "-o"), ("eval_loss", "eval (held out)", "--s")):
         steps, values = _series(log_history, key)
+        if key == "eval_loss" and eval_before is not None:
+            steps, values = [0, *steps], [eval_before, *values]
         ax.plot(steps, values, style, label=label)
     ax.set(xlabel="training step", ylabel="loss (nats per token)", title="Loss should fall, eval with train")
     ax.legend()
@@ -41,9 +43,9 @@ def loss_curve(log_history: list[dict], ax: Axes | None = None) -> Axes:
 
 def memory_bars(rows: list[dict], budget_gib: float | None = None, ax: Axes | None = None) -> Axes:
     """Stacked bars of estimated training memory per (model, method); rows from memory.table()."""
-    ax = _ax(ax)
+    ax = ax if ax is not None else plt.subplots(figsize=(9, 4))[1]
     parts = ("weights", "gradients", "optimizer", "lora", "activations")
-    labels = [f"{r['model']}\n{r['method']}" for r in rows]
+    labels = [f"{r['model'].removeprefix('gemma-')}\n{r['method']}" for r in rows]
     bottom = [0.0] * len(rows)
     for part in parts:
         values = [r[part] for r in rows]
@@ -52,8 +54,8 @@ def memory_bars(rows: list[dict], budget_gib: float | None = None, ax: Axes | No
     if budget_gib:
         ax.axhline(budget_gib, color="black", linestyle=":", label=f"{budget_gib:.0f} GiB GPU")
     ax.set(ylabel="GiB (log scale)", yscale="log", title="Only QLoRA of a 7B model fits one 24 GB GPU")
-    ax.tick_params(axis="x", labelsize=7)
-    ax.legend(fontsize=7)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.legend(fontsize=7, loc="upper left")
     return ax
 
 

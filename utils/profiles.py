@@ -27,6 +27,7 @@ class Profile:
     sft_eval_rows: int | None
     pref_train_rows: int | None
     pref_eval_rows: int | None
+    pref_acc_rows: int | None
     batch_size: int
     grad_accum: int
     gradient_checkpointing: bool
@@ -60,7 +61,8 @@ PROFILES: dict[str, Profile] = {
         sft_train_rows=None,
         sft_eval_rows=24,
         pref_train_rows=None,
-        pref_eval_rows=32,
+        pref_eval_rows=20,
+        pref_acc_rows=50,
         batch_size=8,
         grad_accum=1,
         gradient_checkpointing=False,
@@ -70,10 +72,10 @@ PROFILES: dict[str, Profile] = {
         train_turn_tokens=True,
         sft_steps=20,
         sft_lr=2e-4,
-        dpo_steps=10,
+        dpo_steps=12,
         dpo_lr=1e-4,
         dpo_beta=0.1,
-        dpo_batch_size=8,
+        dpo_batch_size=4,
         dpo_sft_weight=0.0,
         max_new_tokens=48,
         n_gen_prompts=20,
@@ -93,6 +95,7 @@ PROFILES: dict[str, Profile] = {
         sft_eval_rows=500,
         pref_train_rows=10_000,
         pref_eval_rows=500,
+        pref_acc_rows=500,
         batch_size=1,
         grad_accum=16,
         gradient_checkpointing=True,
