@@ -170,3 +170,5 @@ def test_last_checkpoint_finds_the_newest(tmp_path):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     assert models.last_checkpoint(tmp_path).endswith("checkpoint-10")
+    (tmp_path / "checkpoint-15").mkdir()  # killed while saving: no trainer_state.json yet
+    assert models.last_checkpoint(tmp_path).endswith("checkpoint-10")

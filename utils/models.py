@@ -251,7 +251,10 @@ def use_bf16_autocast(profile: Profile) -> bool:
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest complete checkpoint-N folder under output_dir, to resume from (None if there is none)."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint-N folder under output_dir, to resume from (None if there is none).
 
-    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+    A run killed while saving leaves a checkpoint without trainer_state.json (the Trainer writes it last): skipped.
+    """
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    complete = [p for p in folders if (p / "trainer_state.json").is_file()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
