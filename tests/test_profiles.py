@@ -63,3 +63,9 @@ def test_every_profile_builds_trl_configs(tmp_path, name):
                     use_cpu=True, bf16=False, report_to="none")
     assert sft.max_length == p.max_length and sft.learning_rate == p.sft_lr
     assert dpo.beta == p.dpo_beta and dpo.learning_rate == p.dpo_lr != 1e-6
+
+
+def test_unknown_notebook_parameter_is_named():
+    with pytest.raises(CourseError, match=r"\['SFT_STEP'\].*PROFILE, OUTPUT_DIR, SFT_STEPS"):
+        profiles.check_parameters({"PROFILE": "cpu", "SFT_STEP": 3, "pd": None}, ["PROFILE", "OUTPUT_DIR", "SFT_STEPS"])
+    profiles.check_parameters({"PROFILE": "cpu", "In": [], "_": None}, ["PROFILE", "OUTPUT_DIR"])

@@ -152,6 +152,16 @@ def get_profile(name: str = "auto", **overrides) -> Profile:
     return replace(PROFILES[resolve_name(name)], **{k: v for k, v in overrides.items() if v is not None})
 
 
+def check_parameters(namespace: dict, known: list[str]) -> None:
+    """Raise CourseError for an UPPERCASE notebook parameter that the notebook does not define (a papermill typo)."""
+    unknown = sorted(name for name in namespace if name.isupper() and name not in known)
+    if unknown:
+        raise CourseError(
+            f"Unknown notebook parameter(s) {unknown}: this notebook's parameters are {', '.join(known)}. "
+            "papermill injects any -p NAME VALUE it is given, so check the spelling."
+        )
+
+
 def describe(profile: Profile) -> str:
     """A two-column text table of the profile, for the top of each notebook."""
     rows = asdict(profile)

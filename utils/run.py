@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 INCOMPLETE = "RUN_INCOMPLETE"
 # wall minutes of the whole course measured per profile (see README), for --check
-EXPECTED_MINUTES = {"cpu": 15, "rtx4090": 150}
+EXPECTED_MINUTES = {"cpu": 13, "rtx4090": 150}
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
