@@ -57,9 +57,19 @@ def test_conversion_killed_midway_converts_cleanly_next_time(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(target).num_parameters() > 200e6
 
 
-def test_corrupt_cache_is_detected(tmp_path, monkeypatch):
+def test_corrupt_cache_is_converted_again_with_a_message(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
     target = tmp_path / models.EMBEDDED_DIR_NAME
     target.mkdir()
-    (target / "config.json").write_text("{}")
-    assert not models._is_complete(target)  # ensure_embedded_model converts again instead of loading this
+    (target / "config.json").write_text("{}")  # a half-written cache: no weights, no tokenizer
+    converted = []
+
+    def fake_convert(path):  # the real conversion is covered by the slow test above
+        converted.append(path)
+        path.mkdir(exist_ok=True)
+        for name in models.REQUIRED_FILES:
+            (path / name).write_text("x")
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    assert models.ensure_embedded_model() == target and converted == [target]
+    assert "incomplete or corrupt; converting it again" in capsys.readouterr().out

@@ -172,3 +172,12 @@ def test_last_checkpoint_finds_the_newest(tmp_path):
     assert models.last_checkpoint(tmp_path).endswith("checkpoint-10")
     (tmp_path / "checkpoint-15").mkdir()  # killed while saving: no trainer_state.json yet
     assert models.last_checkpoint(tmp_path).endswith("checkpoint-10")
+
+
+def test_resume_point_only_resumes_the_same_plan(tmp_path, capsys):
+    run = tmp_path / "checkpoints"
+    (run / "checkpoint-5").mkdir(parents=True)
+    (run / "checkpoint-5" / "trainer_state.json").write_text('{"max_steps": 20}')
+    assert models.resume_point(run, 20).endswith("checkpoint-5")
+    assert models.resume_point(run, 10) is None and not run.exists()  # other settings: start over, no mixing
+    assert "starting over" in capsys.readouterr().out

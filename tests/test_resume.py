@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The same resume wiring as notebooks 02 and 04: trainer.train(resume_from_checkpoint=models.last_checkpoint(dir)).
+# The same resume wiring as notebooks 02 and 04: trainer.train(resume_from_checkpoint=models.resume_point(...)).
 SCRIPT = r'''
 import sys, time, torch
 from transformers import TrainerCallback
@@ -40,7 +40,7 @@ config = SFTConfig(output_dir=out, max_steps=8, save_steps=2, per_device_train_b
                    logging_steps=1, disable_tqdm=True, save_only_model=False)
 trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                      callbacks=[Slow()])
-resume = models.last_checkpoint(out)
+resume = models.resume_point(out, config.max_steps)
 print(f"RESUME {resume}", flush=True)
 trainer.train(resume_from_checkpoint=resume)
 print(f"DONE {trainer.state.global_step}", flush=True)

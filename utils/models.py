@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -248,6 +249,20 @@ def use_bf16_autocast(profile: Profile) -> bool:
     if profile.compute_dtype != "bfloat16":
         return False
     return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+
+
+def resume_point(output_dir: str | Path, max_steps: int) -> str | None:
+    """The checkpoint to resume a run of max_steps from; checkpoints of a run with other settings are removed."""
+    found = last_checkpoint(output_dir)
+    if found is None:
+        return None
+    planned = json.loads((Path(found) / "trainer_state.json").read_text()).get("max_steps")
+    if planned != max_steps:
+        print(f"Checkpoints in {output_dir} belong to a run of {planned} steps, not {max_steps}: starting over.")
+        shutil.rmtree(output_dir)
+        return None
+    print(f"Resuming from {found}: the steps already done are not repeated.")
+    return found
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
