@@ -42,7 +42,7 @@ def loss_curve(log_history: list[dict], eval_before: float | None = None, ax: Ax
 
 
 def memory_bars(rows: list[dict], budget_gib: float | None = None, ax: Axes | None = None) -> Axes:
-    """Stacked bars of estimated training memory per (model, method); rows from memory.table()."""
+    """Stacked bars of estimated training memory per (model, method): MemoryEstimate.as_row() plus a "model" key."""
     ax = ax if ax is not None else plt.subplots(figsize=(9, 4))[1]
     parts = ("weights", "gradients", "optimizer", "lora", "activations")
     labels = [f"{r['model'].removeprefix('gemma-')}\n{r['method']}" for r in rows]
