@@ -7,6 +7,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
+from utils.errors import CourseError
+from utils.profiles import EMBEDDED_MODEL_ID
+
 GIB = 2**30
 METHODS = ("full", "lora", "qlora")
 STRATEGIES = ("ddp", "zero3", "fsdp")
@@ -213,7 +216,7 @@ def to_markdown(rows: list[dict]) -> str:
 
 def shape_for_profile(profile) -> ModelShape:
     """The ModelShape of a course profile's base model."""
-    return shape_for("gemma-3-270m" if profile.model_id.startswith("embedded:") else "gemma-7b")
+    return shape_for("gemma-3-270m" if profile.model_id == EMBEDDED_MODEL_ID else "gemma-7b")
 
 
 def estimate_profile(profile) -> MemoryEstimate:
@@ -240,8 +243,6 @@ def describe_profile(profile, budget_gib: float = 24.0) -> str:
 
 def check_fits(profile, free_gib: float | None) -> None:
     """Raise CourseError when the profile's estimated training memory exceeds the free GPU memory."""
-    from utils.errors import CourseError
-
     need = estimate_profile(profile).gib("total")
     if free_gib is not None and need > free_gib:
         raise CourseError(

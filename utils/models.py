@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from utils.errors import CourseError
+from utils.memory import check_fits
 from utils.profiles import EMBEDDED_MODEL_ID, Profile
 
 CACHE_ENV = "COURSE_CACHE"
@@ -120,8 +121,6 @@ def guard_cpu_4bit(model: torch.nn.Module) -> int:
 
 def check_device(profile: Profile) -> None:
     """Raise CourseError when a GPU profile runs without a CUDA GPU, or with too little free GPU memory."""
-    from utils.memory import check_fits
-
     if profile.model_id == EMBEDDED_MODEL_ID:
         return
     if not torch.cuda.is_available():
