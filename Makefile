@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= auto
 
-.PHONY: tutorial test unit lab model check clean distclean
+.PHONY: tutorial test unit bench lab model check clean distclean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,14 @@ tutorial: model  ## run every notebook in order on the best profile this machine
 	$(PY) -m utils.run --profile $(PROFILE)
 
 test: model  ## lint, unit tests, then every notebook under papermill on the cpu profile
-	$(VENV)/bin/ruff check utils tests notebooks benchmarks
+	$(VENV)/bin/ruff check utils tests notebooks benchmarks scripts
 	$(PY) -m pytest
 
 unit: model  ## the fast tests only (under a minute)
 	$(PY) -m pytest -m "not notebook and not slow"
+
+bench: model  ## training speed (course vs TRL defaults, DPO precompute) and memory estimator -> benchmarks/results/
+	$(PY) benchmarks/bench.py
 
 check: $(STAMP)  ## what this machine has and what `make tutorial` would cost
 	$(PY) -m utils.run --check

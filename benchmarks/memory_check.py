@@ -2,7 +2,7 @@
 
 Each method trains for a few steps (random token ids, plain PyTorch loop, AdamW) in a fresh subprocess, so peaks
 don't mix. Measured = peak RSS (ru_maxrss) minus the RSS after importing the libraries and loading the tokenizer.
-Writes benchmarks/results/memory.json and memory.md; exits 1 when an estimate is off by more than the tolerance.
+Prints a table and exits 1 when an estimate is off by more than the tolerance; `make bench` (bench.py) saves it.
 
     python benchmarks/memory_check.py [--batch 4] [--seq 128] [--steps 2]
 """
@@ -21,7 +21,6 @@ from utils import memory
 from utils.profiles import get_profile
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 TOLERANCE = 0.30
 # name -> (estimate method, trainable token rows); the last run is the cpu profile's own QLoRA with turn tokens
 RUNS = {"full": ("full", 0), "lora": ("lora", 0), "qlora": ("qlora", 0), "qlora+tokens": ("qlora", 2)}
@@ -64,16 +63,34 @@ def measure(name: str, batch: int, seq: int, steps: int) -> dict:
     return {"baseline": baseline, "after_load": after_load, "load_peak": load_peak, "peak": _peak()}
 
 
-def run_isolated(name: str, args: argparse.Namespace) -> dict:
+def run_isolated(name: str, batch: int, seq: int, steps: int) -> dict:
     """Run measure() for one method in a fresh Python process."""
-    cmd = [sys.executable, __file__, "--worker", name, "--batch", str(args.batch), "--seq", str(args.seq),
-           "--steps", str(args.steps)]
+    cmd = [sys.executable, __file__, "--worker", name, "--batch", str(batch), "--seq", str(seq), "--steps", str(steps)]
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
-        sys.exit(f"Measuring {name} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"Measuring {name} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_all(batch: int = 4, seq: int = 128, steps: int = 2) -> list[dict]:
+    """Estimate and measure every method; one row per method (GiB and the ratio)."""
+    shape, lora_r = memory.shape_for("gemma-3-270m"), get_profile("cpu").lora_r
+    rows = []
+    for name, (method, token_rows) in RUNS.items():
+        print(f"  memory {name} (batch {batch}, seq {seq}, {steps} steps)...", flush=True)
+        # fp32 throughout on the CPU: full/LoRA load in fp32, and PEFT upcasts QLoRA's embedding and norms to fp32
+        est = memory.estimate(shape, method, batch_size=batch, seq_len=seq, lora_r=lora_r,
+                              weight_dtype="fp32", trainable_token_rows=token_rows)
+        got = run_isolated(name, batch, seq, steps)
+        measured = got["peak"] - got["baseline"]
+        ratio = est.total / measured
+        rows.append({"method": name, "estimated GiB": round(est.gib("total"), 2),
+                     "measured GiB": round(measured / memory.GIB, 2), "est/measured": round(ratio, 2),
+                     "peak RSS GiB": round(got["peak"] / memory.GIB, 2),
+                     "within ±30%": "yes" if abs(ratio - 1) <= TOLERANCE else "NO"})
+    return rows
 
 
 def main() -> int:
@@ -86,33 +103,8 @@ def main() -> int:
     if args.worker:
         print(json.dumps(measure(args.worker, args.batch, args.seq, args.steps)))
         return 0
-
-    shape, lora_r = memory.shape_for("gemma-3-270m"), get_profile("cpu").lora_r
-    rows, details = [], []
-    for name, (method, token_rows) in RUNS.items():
-        print(f"measuring {name} (batch {args.batch}, seq {args.seq}, {args.steps} steps)...", flush=True)
-        # fp32 throughout on the CPU: full/LoRA load in fp32, and PEFT upcasts QLoRA's embedding and norms to fp32
-        est = memory.estimate(shape, method, batch_size=args.batch, seq_len=args.seq, lora_r=lora_r,
-                              weight_dtype="fp32", trainable_token_rows=token_rows)
-        got = run_isolated(name, args)
-        measured = got["peak"] - got["baseline"]
-        ratio = est.total / measured
-        rows.append({"method": name, "estimated GiB": round(est.gib("total"), 2),
-                     "measured GiB": round(measured / memory.GIB, 2), "est/measured": round(ratio, 2),
-                     "baseline GiB": round(got["baseline"] / memory.GIB, 2),
-                     "peak RSS GiB": round(got["peak"] / memory.GIB, 2),
-                     "load peak GiB": round(got["load_peak"] / memory.GIB, 2),
-                     "within ±30%": "yes" if abs(ratio - 1) <= TOLERANCE else "NO"})
-        details.append({"name": name, "estimate": est.as_row(), "measured_bytes": got})
-    text = memory.to_markdown(rows)
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    settings = {"model": "gemma-3-270m", "batch": args.batch, "seq": args.seq, "steps": args.steps,
-                "lora_r": lora_r, "optimizer": "adamw", "tolerance": TOLERANCE}
-    (RESULTS / "memory.json").write_text(json.dumps({"settings": settings, "rows": rows, "details": details},
-                                                    indent=2, ensure_ascii=False) + "\n")
-    (RESULTS / "memory.md").write_text(
-        f"# Training memory on the CPU: estimate vs measurement\n\nSettings: {json.dumps(settings)}\n\n{text}\n")
+    rows = measure_all(args.batch, args.seq, args.steps)
+    print(memory.to_markdown(rows))
     return 0 if all(row["within ±30%"] == "yes" for row in rows) else 1
 
 

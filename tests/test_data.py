@@ -475,7 +475,7 @@ from datasets import Dataset, concatenate_datasets
 from peft import LoraConfig
 from transformers import AutoTokenizer, Gemma3ForCausalLM
 from trl import DPOConfig, DPOTrainer
-from tests.conftest import tiny_gemma_config
+from utils.models import tiny_gemma_config
 from utils import chat, models
 from utils.data import for_dpo_trainer, load_preference_dataset, normalise_preference_row
 

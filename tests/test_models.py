@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, Gemma3ForCausalLM
 
-from tests.conftest import tiny_gemma_config
 from utils import chat, evaluate, models
+from utils.models import tiny_gemma_config
 from utils.profiles import get_profile
 
 PROFILE = get_profile("cpu")
@@ -174,10 +174,27 @@ def test_last_checkpoint_finds_the_newest(tmp_path):
     assert models.last_checkpoint(tmp_path).endswith("checkpoint-10")
 
 
-def test_resume_point_only_resumes_the_same_plan(tmp_path, capsys):
-    run = tmp_path / "checkpoints"
-    (run / "checkpoint-5").mkdir(parents=True)
-    (run / "checkpoint-5" / "trainer_state.json").write_text('{"max_steps": 20}')
-    assert models.resume_point(run, 20).endswith("checkpoint-5")
-    assert models.resume_point(run, 10) is None and not run.exists()  # other settings: start over, no mixing
-    assert "starting over" in capsys.readouterr().out
+def test_resume_point_resumes_only_an_unfinished_run_of_the_same_plan(tmp_path, capsys):
+    from trl import SFTConfig
+
+    def config(**kw):
+        return SFTConfig(output_dir=str(tmp_path / "run"), max_steps=20, use_cpu=True, **{"learning_rate": 1e-4, **kw})
+
+    def checkpoint(step):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir()
+        (tmp_path / "run" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+
+    inputs = {"sft_model": "a"}
+    assert models.resume_point(config(), inputs) is None  # a fresh run: plan written
+    checkpoint(5)
+    assert models.resume_point(config(), inputs).endswith("checkpoint-5")  # interrupted: resume
+    assert models.resume_point(config(learning_rate=5e-5), inputs) is None  # other settings: start over
+    assert not (tmp_path / "run" / "checkpoint-5").exists()
+    checkpoint(5)
+    assert models.resume_point(config(learning_rate=5e-5), {"sft_model": "b"}) is None  # other inputs
+    checkpoint(5)
+    models.mark_finished(config(learning_rate=5e-5))
+    assert models.resume_point(config(learning_rate=5e-5), {"sft_model": "b"}) is None  # finished: train afresh
+    assert not (tmp_path / "run" / "checkpoint-5").exists()
+    out = capsys.readouterr().out
+    assert "Resuming from" in out and "other settings or inputs" in out and "a finished run" in out

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-SOURCES = sorted([*(ROOT / "utils").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")])
+SOURCES = sorted(path for folder in ("utils", "benchmarks", "scripts") for path in (ROOT / folder).glob("*.py"))
 
 
 def _notebook_code(nb: Path) -> str:

@@ -19,7 +19,7 @@ import sys, time, torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 from datasets import Dataset
-from tests.conftest import tiny_gemma_config
+from utils.models import tiny_gemma_config
 from transformers import AutoTokenizer, Gemma3ForCausalLM
 from utils import chat, models
 
@@ -40,9 +40,10 @@ config = SFTConfig(output_dir=out, max_steps=8, save_steps=2, per_device_train_b
                    logging_steps=1, disable_tqdm=True, save_only_model=False)
 trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                      callbacks=[Slow()])
-resume = models.resume_point(out, config.max_steps)
+resume = models.resume_point(config, {"rows": len(rows)})
 print(f"RESUME {resume}", flush=True)
 trainer.train(resume_from_checkpoint=resume)
+models.mark_finished(config)
 print(f"DONE {trainer.state.global_step}", flush=True)
 '''
 

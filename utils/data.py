@@ -256,6 +256,15 @@ def length_report(tokenizer, ds: Dataset, max_length: int) -> dict:
     return report
 
 
+def drop_longer_than(tokenizer, ds: Dataset, max_length: int) -> Dataset:
+    """The rows of ds whose whole conversation fits in max_length tokens (for padding-free batches, which don't cut)."""
+    totals = length_report(tokenizer, ds, max_length)["lengths"]["total"]
+    keep = [i for i, n in enumerate(totals) if n <= max_length]
+    if len(keep) < len(ds):
+        print(f"Dropped {len(ds) - len(keep)} of {len(ds)} rows longer than max_length={max_length}.")
+    return ds.select(keep)
+
+
 def check_max_length(tokenizer, ds: Dataset, max_length: int, max_cut_share: float = 0.5) -> float:
     """Share of rows longer than max_length; raises DataError when even the prompts do not fit for many rows."""
     report = length_report(tokenizer, ds, max_length)

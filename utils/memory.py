@@ -241,12 +241,13 @@ def describe_profile(profile, budget_gib: float = 24.0) -> str:
             f"{est.gib('total'):.1f} GiB ({parts}); {verdict} in {budget_gib:.0f} GiB")
 
 
-def check_fits(profile, free_gib: float | None) -> None:
-    """Raise CourseError when the profile's estimated training memory exceeds the free GPU memory."""
-    need = estimate_profile(profile).gib("total")
+def check_fits(profile, free_gib: float | None, n_gpus: int = 1, strategy: str = "ddp") -> None:
+    """Raise CourseError when the profile's estimated training memory per GPU exceeds the free GPU memory."""
+    need = per_gpu(estimate_profile(profile), n_gpus, strategy).gib("total")
     if free_gib is not None and need > free_gib:
         raise CourseError(
-            f"Profile {profile.name!r} needs about {need:.1f} GiB of GPU memory (memory.estimate_profile) but only "
-            f"{free_gib:.1f} GiB is free. Close other programs using the GPU, lower batch_size or max_length "
-            "(e.g. get_profile(PROFILE, batch_size=1, max_length=1024)), or use the cpu profile."
+            f"Profile {profile.name!r} needs about {need:.1f} GiB of GPU memory (memory.estimate_profile, "
+            f"{strategy} over {n_gpus} GPU(s)) but only {free_gib:.1f} GiB is free. Close other programs using the "
+            "GPU, lower batch_size or max_length (e.g. get_profile(PROFILE, batch_size=1, max_length=1024)), "
+            "shard the model over more GPUs (configs/accelerate/fsdp_qlora.yaml), or use the cpu profile."
         )

@@ -7,12 +7,21 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    PreTrainedModel,
+)
 
+from utils import distributed
 from utils.errors import CourseError
 from utils.memory import check_fits
 from utils.profiles import EMBEDDED_MODEL_ID, Profile
@@ -79,6 +88,23 @@ def ensure_embedded_model() -> Path:
     return target
 
 
+def tiny_gemma_config(**overrides) -> Gemma3TextConfig:
+    """A 2-layer Gemma 3 with the real 262k vocabulary: seconds to run, same token ids."""
+    values = dict(vocab_size=262144, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                  sliding_window=64, pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True)
+    return Gemma3TextConfig(**{**values, **overrides})
+
+
+def save_tiny_gemma(out_dir: str | Path, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny Gemma 3 with the embedded tokenizer: a stand-in checkpoint for quick runs."""
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    Gemma3ForCausalLM(tiny_gemma_config()).save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(ensure_embedded_model())).save_pretrained(out_dir)
+    return out_dir
+
+
 def model_source(profile: Profile) -> str:
     """The path or Hub id that from_pretrained should read for this profile's base model."""
     return str(ensure_embedded_model()) if profile.model_id == EMBEDDED_MODEL_ID else profile.model_id
@@ -121,8 +147,8 @@ def guard_cpu_4bit(model: torch.nn.Module) -> int:
 
 def check_device(profile: Profile) -> None:
     """Raise CourseError when a GPU profile runs without a CUDA GPU, or with too little free GPU memory."""
-    if profile.model_id == EMBEDDED_MODEL_ID:
-        return
+    if profile.model_id == EMBEDDED_MODEL_ID or Path(profile.model_id).is_dir():
+        return  # the embedded model, or a local checkpoint (e.g. save_tiny_gemma's), may run on the CPU
     if not torch.cuda.is_available():
         raise CourseError(
             f"Profile {profile.name!r} trains {profile.model_id} and needs a CUDA GPU, but PyTorch sees none. "
@@ -130,7 +156,7 @@ def check_device(profile: Profile) -> None:
             "that torch is a CUDA build (`python -c 'import torch; print(torch.version.cuda)'`)."
         )
     free, _ = torch.cuda.mem_get_info()
-    check_fits(profile, free / 2**30)
+    check_fits(profile, free / 2**30, distributed.world_size(), distributed.strategy())
 
 
 def load_base_model(profile: Profile, path: str | Path | None = None, quantize: bool | None = None) -> PreTrainedModel:
@@ -141,8 +167,8 @@ def load_base_model(profile: Profile, path: str | Path | None = None, quantize: 
     if quantize:
         kwargs["quantization_config"] = quantization_config(profile)
         kwargs["dtype"] = compute_dtype(profile)
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": 0}
+    if device_map := distributed.device_map():  # under FSDP/ZeRO-3 the launcher places the shards
+        kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(str(path or model_source(profile)), use_safetensors=True, **kwargs)
     if quantize:
         guard_cpu_4bit(model)
@@ -170,8 +196,12 @@ def lora_config(profile: Profile, tokenizer) -> LoraConfig:
 
 
 def add_lora(model: PreTrainedModel, config: LoraConfig, gradient_checkpointing: bool = False) -> PeftModel:
-    """Wrap the model with LoRA adapters, preparing a 4-bit model for training first."""
-    if getattr(model, "is_loaded_in_4bit", False):
+    """Wrap the model with LoRA adapters, preparing a 4-bit model for training first.
+
+    Under FSDP/ZeRO-3 the 4-bit preparation is skipped (as TRL does): its fp32 norms would break the uniform dtype
+    that sharding needs (weights stored in the compute dtype, `bnb_4bit_quant_storage`).
+    """
+    if getattr(model, "is_loaded_in_4bit", False) and distributed.strategy() == "ddp":
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
@@ -250,18 +280,46 @@ def use_bf16_autocast(profile: Profile) -> bool:
     return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
 
 
-def resume_point(output_dir: str | Path, max_steps: int) -> str | None:
-    """The checkpoint to resume a run of max_steps from; checkpoints of a run with other settings are removed."""
-    found = last_checkpoint(output_dir)
-    if found is None:
-        return None
-    planned = json.loads((Path(found) / "trainer_state.json").read_text()).get("max_steps")
-    if planned != max_steps:
-        print(f"Checkpoints in {output_dir} belong to a run of {planned} steps, not {max_steps}: starting over.")
-        shutil.rmtree(output_dir)
-        return None
-    print(f"Resuming from {found}: the steps already done are not repeated.")
-    return found
+PLAN_FILE = "run_plan.json"
+NOT_PLAN = {"output_dir", "logging_dir", "disable_tqdm", "report_to", "logging_steps", "save_total_limit", "local_rank",
+            "hub_token"}
+
+
+def _plan(config, inputs: dict) -> dict:
+    """What makes two runs the same run: the trainer settings that shape training, and its inputs."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in NOT_PLAN}
+    as_json = json.dumps({"settings": settings, "inputs": inputs}, sort_keys=True,
+                         default=lambda o: asdict(o) if is_dataclass(o) else str(o))
+    return json.loads(as_json)
+
+
+def resume_point(config, inputs: dict) -> str | None:
+    """The checkpoint to resume an interrupted run of exactly this plan from (config and inputs), else None.
+
+    Checkpoints of a finished run, or of one with other settings or inputs (another SFT model, beta...), are removed:
+    resuming them would mix two runs.
+    """
+    out = Path(config.output_dir)
+    plan, saved = _plan(config, inputs), out / PLAN_FILE
+    previous = json.loads(saved.read_text()) if saved.is_file() else None
+    if previous == {"plan": plan, "finished": False}:
+        found = last_checkpoint(out)
+        if found:
+            print(f"Resuming from {found}: the steps already done are not repeated.")
+        return found
+    if last_checkpoint(out):
+        why = "a finished run" if previous and previous["plan"] == plan else "a run with other settings or inputs"
+        print(f"Checkpoints in {out} belong to {why}: starting over.")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    saved.write_text(json.dumps({"plan": plan, "finished": False}, indent=1))
+    return None
+
+
+def mark_finished(config) -> None:
+    """Record that the run in config.output_dir completed, so that running it again trains afresh."""
+    saved = Path(config.output_dir) / PLAN_FILE
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "finished": True}, indent=1))
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:

@@ -31,6 +31,7 @@ class Profile:
     batch_size: int
     grad_accum: int
     gradient_checkpointing: bool
+    padding_free: bool
     lora_r: int
     lora_alpha: int
     lora_dropout: float
@@ -65,7 +66,8 @@ PROFILES: dict[str, Profile] = {
         pref_acc_rows=50,
         batch_size=8,
         grad_accum=1,
-        gradient_checkpointing=False,
+        gradient_checkpointing=True,  # TRL's default; it costs ~7% here and saves ~0.6 GiB (make bench)
+        padding_free=True,
         lora_r=16,
         lora_alpha=32,
         lora_dropout=0.0,
@@ -77,7 +79,7 @@ PROFILES: dict[str, Profile] = {
         dpo_beta=0.1,
         dpo_batch_size=4,
         dpo_sft_weight=0.0,
-        max_new_tokens=48,
+        max_new_tokens=64,
         n_gen_prompts=20,
         save_steps=5,
         seed=42,
@@ -99,6 +101,7 @@ PROFILES: dict[str, Profile] = {
         batch_size=1,
         grad_accum=16,
         gradient_checkpointing=True,
+        padding_free=False,  # batch 1: nothing to pad
         lora_r=16,
         lora_alpha=32,
         lora_dropout=0.05,

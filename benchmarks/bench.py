@@ -1,0 +1,147 @@
+"""`make bench`: training throughput (the course vs TRL's defaults, DPO with a precomputed reference) and the memory
+estimator against measured peaks, on this machine. Writes bench.json, bench.md and bench.png to benchmarks/results/.
+
+    python benchmarks/bench.py [--sft-steps 10] [--dpo-steps 8] [--out DIR] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import memory_check  # noqa: E402
+import training_speed  # noqa: E402
+
+from utils.memory import to_markdown  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {"sft_speedup": 1.3, "sft_memory_ratio": 1.0, "sft_eval_loss_diff": 0.02, "sft_course_padding_share": 0.05}
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def checks(summary: dict) -> dict[str, bool]:
+    """The issue's acceptance targets, each met or not."""
+    return {
+        f"course SFT >= {TARGETS['sft_speedup']}x the real tokens/s of TRL defaults":
+            summary["sft_speedup"] >= TARGETS["sft_speedup"],
+        "course SFT peak memory no higher": summary["sft_memory_ratio"] <= TARGETS["sft_memory_ratio"],
+        "course SFT eval loss within 2%": abs(summary["sft_eval_loss_diff"]) <= TARGETS["sft_eval_loss_diff"],
+        "course SFT padding share <= 5%": summary["sft_course_padding_share"] <= TARGETS["sft_course_padding_share"],
+    }
+
+
+def _arm_rows(arms: dict, prefix: str) -> list[dict]:
+    return [{"set-up": name.split(":", 1)[1], "steps": a["steps"], "padding-free": a["padding_free"],
+             "grad. checkpointing": a["gradient_checkpointing"], "bf16": a["bf16"], "seconds": round(a["seconds"], 1),
+             "real tokens": a["real_tokens"], "real tokens/s": round(a["real_tokens_per_s"], 1),
+             "padding share": f"{a['padding_share']:.1%}", "peak RSS GiB": round(a["peak_rss_gib"], 2),
+             "eval loss": round(a["eval_loss"], 4)} for name, a in arms.items() if name.startswith(prefix)]
+
+
+def to_text(result: dict) -> str:
+    """The markdown report: machine, the three tables, the targets."""
+    s, m = result["training"]["summary"], result["machine"]
+    lines = [
+        "# Benchmarks (`make bench`)", "",
+        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, {m['ram_gib']} GiB RAM, GPU: {m['gpu'] or 'none'}), "
+        f"torch {m['torch']}, {m['torch_threads']} threads. Model: {result['settings']['model']}. "
+        "Each arm runs in its own process on the same model, data, LoRA set-up, seed and steps.", "",
+        "## SFT: the course's set-up against TRL's defaults", "",
+        "TRL defaults = `SFTConfig` with only the learning settings given (learning rate, constant schedule, steps, "
+        "batch, max_length, `assistant_only_loss`); course = `utils.recipes.sft_config` (padding-free batches; "
+        "gradient checkpointing and bf16 autocast as in TRL's defaults).", "",
+        to_markdown(_arm_rows(result["training"]["arms"], "sft:")), "",
+        f"Course / TRL defaults: **{s['sft_speedup']:.2f}x** real tokens per second, peak memory "
+        f"{s['sft_memory_ratio']:.2f}x, eval loss {s['sft_eval_loss_diff']:+.2%}.", "",
+        "## DPO: reference log-probs recomputed every step vs precomputed once", "",
+        "Seconds include trainer set-up, where `precompute_ref_log_probs=True` runs the reference over the "
+        "training and evaluation pairs once.", "",
+        to_markdown(_arm_rows(result["training"]["arms"], "dpo:")), "",
+        f"Precomputed / recomputed: {s['dpo_precompute_speedup']:.2f}x real tokens per second over the whole run.", "",
+    ]
+    if result["memory"]:
+        lines += ["## The memory estimator against measured peaks (Gemma 3 270M, batch 4 x 128, AdamW)", "",
+                  to_markdown(result["memory"]), ""]
+    lines += ["## Targets", ""] + [f"- [{'x' if ok else ' '}] {name}" for name, ok in result["checks"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Bars: real tokens/s and peak memory per arm, and estimated vs measured memory per method."""
+    arms = result["training"]["arms"]
+    panels = 3 if result["memory"] else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    names = list(arms)
+    colors = ["tab:gray", "tab:blue", "tab:gray", "tab:blue"]
+    axes[0].bar(names, [arms[n]["real_tokens_per_s"] for n in names], color=colors)
+    axes[0].set_title("real (non-padding) tokens per second")
+    axes[1].bar(names, [arms[n]["peak_rss_gib"] for n in names], color=colors)
+    axes[1].set_title("peak memory while training (GiB)")
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", rotation=30)
+    if result["memory"]:
+        rows, x = result["memory"], range(len(result["memory"]))
+        axes[2].bar([i - 0.2 for i in x], [r["estimated GiB"] for r in rows], width=0.4, label="estimated")
+        axes[2].bar([i + 0.2 for i in x], [r["measured GiB"] for r in rows], width=0.4, label="measured")
+        axes[2].set_xticks(list(x), [r["method"] for r in rows])
+        axes[2].set_title("training memory: estimator vs measured (GiB)")
+        axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sft-steps", type=int, default=10)
+    parser.add_argument("--dpo-steps", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tiny", action="store_true", help="a tiny random Gemma, no memory check: tests the code")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_dir = None
+        if args.tiny:
+            from utils.models import save_tiny_gemma
+
+            tiny_dir = str(save_tiny_gemma(Path(tmp) / "tiny"))
+        print("Training throughput (each arm in its own process):", flush=True)
+        training = training_speed.compare(args.sft_steps, args.dpo_steps, tiny_dir)
+    memory = [] if args.tiny else memory_check.measure_all()
+    result = {"machine": machine(), "settings": {"model": "tiny random Gemma" if args.tiny else "Gemma 3 270M base, "
+                                                 "4-bit NF4 (the cpu profile)", "sft_steps": args.sft_steps,
+                                                 "dpo_steps": args.dpo_steps},
+              "training": training, "memory": memory, "checks": checks(training["summary"])}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    (args.out / "bench.md").write_text(to_text(result))
+    plot(result, args.out / "bench.png")
+    print(to_text(result))
+    print(f"Written: {args.out / 'bench.md'}, bench.json, bench.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""DPO on the merged SFT model with a new QLoRA adapter: notebook 04's training, as a script for one process or several.
+
+    python scripts/dpo.py --profile cpu          # after scripts/sft.py with the same --output_dir
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml scripts/dpo.py --profile rtx4090
+
+Reads <output_dir>/sft/manifest.json; writes sft/merged, dpo/adapter, dpo/merged, dpo/manifest.json and metrics.json.
+"""
+
+from utils import logs
+
+logs.quiet()  # hide library warnings and loading bars
+
+import torch  # noqa: E402
+from trl import DPOTrainer  # noqa: E402
+
+from utils import chat, cli, data, distributed, models, recipes, report  # noqa: E402
+
+
+def main() -> None:
+    profile, override = cli.parse(description=__doc__)
+    state = distributed.state()
+    out_dir = cli.output_dir(profile, override)
+    torch.manual_seed(profile.seed)
+    distributed.log(f"profile {profile.name}, model {profile.model_id}, writing to {out_dir}")
+
+    sft = report.read_manifest(out_dir, "sft", made_by="scripts/sft.py (or notebook 02)")
+    merged_dir = out_dir / "sft" / "merged"
+    if state.is_main_process:
+        models.merge_adapter(profile, sft["adapter_dir"], merged_dir)
+    state.wait_for_everyone()
+    tokenizer = chat.setup_tokenizer(models.load_tokenizer(profile), profile.max_length)
+    prefs = data.load_preference_dataset(profile.pref_data, max_rows=profile.pref_train_rows)
+    train_pairs, eval_pairs = recipes.dpo_datasets(profile, prefs)
+
+    model = models.load_base_model(profile, path=merged_dir)
+    config = recipes.dpo_config(profile, out_dir / "dpo" / "checkpoints")
+    trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=train_pairs, eval_dataset=eval_pairs,
+                         processing_class=tokenizer, peft_config=recipes.dpo_lora_config(profile))
+    models.guard_cpu_4bit(trainer.model)
+    distributed.log(models.describe_trainable(trainer.model))
+
+    step0 = trainer.evaluate()
+    with state.main_process_first():  # the main process removes checkpoints of another plan before the others look
+        resume = models.resume_point(config, {"profile": profile, "sft": sft})
+    trainer.train(resume_from_checkpoint=resume)
+    if state.is_main_process:
+        models.mark_finished(config)
+    final = trainer.evaluate()
+    losses = [round(entry["loss"], 4) for entry in trainer.state.log_history if "loss" in entry]
+    distributed.log(f"trained {trainer.state.global_step} steps, losses {losses}, eval loss {step0['eval_loss']:.4f} "
+                    f"-> {final['eval_loss']:.4f}, reward accuracy {final['eval_rewards/accuracies']:.2f}")
+
+    adapter_dir = out_dir / "dpo" / "adapter"
+    if trainer.is_fsdp_enabled:  # gather the shards: a normal adapter file that from_pretrained can read
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(adapter_dir))  # every process takes part; only the main one writes
+    if state.is_main_process:
+        tokenizer.save_pretrained(str(adapter_dir))
+        dpo_merged_dir = models.merge_adapter(profile, adapter_dir, out_dir / "dpo" / "merged", base_path=merged_dir)
+        report.record(out_dir, "dpo/loss_step0", step0["eval_loss"])
+        report.record(out_dir, "dpo/rewards_abs_step0",
+                      max(abs(step0["eval_rewards/chosen"]), abs(step0["eval_rewards/rejected"])))
+        report.record(out_dir, "dpo/eval_accuracy", final["eval_rewards/accuracies"])
+        report.record(out_dir, "dpo/eval_margin", final["eval_rewards/margins"])
+        report.record(out_dir, "dpo/eval_logps_chosen_change", final["eval_logps/chosen"] - step0["eval_logps/chosen"])
+        report.write_manifest(out_dir, "dpo", {
+            "profile": profile.name,
+            "sft_manifest": str(out_dir / "sft" / "manifest.json"),
+            "adapter_dir": str(adapter_dir),
+            "merged_dir": str(dpo_merged_dir),
+            "beta": profile.dpo_beta,
+            "steps": trainer.state.global_step,
+        })
+        distributed.log(f"wrote adapter {adapter_dir}, {dpo_merged_dir} and {out_dir / 'dpo' / 'manifest.json'}")
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Supervised fine-tuning with QLoRA: notebook 02's training, as a script for one process or several.
+
+    python scripts/sft.py --profile cpu
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml scripts/sft.py --profile rtx4090
+
+Writes <output_dir>/sft/adapter, sft/manifest.json and metrics.json (default output_dir: outputs/<profile>/scripts).
+"""
+
+from utils import logs
+
+logs.quiet()  # hide library warnings and loading bars
+
+import torch  # noqa: E402
+from trl import SFTTrainer  # noqa: E402
+
+from utils import chat, cli, data, distributed, models, recipes, report  # noqa: E402
+
+
+def main() -> None:
+    profile, override = cli.parse(description=__doc__)
+    state = distributed.state()
+    out_dir = cli.output_dir(profile, override)
+    torch.manual_seed(profile.seed)
+    distributed.log(f"profile {profile.name}, model {profile.model_id}, writing to {out_dir}")
+
+    sft_data = data.load_sft_dataset(profile.sft_data, max_rows=profile.sft_train_rows)
+    tokenizer = chat.setup_tokenizer(models.load_tokenizer(profile), profile.max_length)
+    train_set, eval_set = recipes.sft_datasets(profile, tokenizer, sft_data)
+    model = models.load_base_model(profile)
+    model = models.add_lora(model, models.lora_config(profile, tokenizer),
+                            gradient_checkpointing=profile.gradient_checkpointing)
+    config = recipes.sft_config(profile, out_dir / "sft" / "checkpoints")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train_set, eval_dataset=eval_set,
+                         processing_class=tokenizer)
+    effective = profile.batch_size * profile.grad_accum * state.num_processes
+    distributed.log(f"{models.describe_trainable(model)}; effective batch {profile.batch_size} x {profile.grad_accum} "
+                    f"x {state.num_processes} processes = {effective} conversations per step")
+
+    loss_before = trainer.evaluate()["eval_loss"]
+    with state.main_process_first():  # the main process removes checkpoints of another plan before the others look
+        resume = models.resume_point(config, {"profile": profile})
+    trainer.train(resume_from_checkpoint=resume)
+    if state.is_main_process:
+        models.mark_finished(config)
+    loss_after = trainer.evaluate()["eval_loss"]
+    losses = [round(entry["loss"], 4) for entry in trainer.state.log_history if "loss" in entry]
+    distributed.log(f"trained {trainer.state.global_step} steps, losses {losses}, "
+                    f"eval loss {loss_before:.4f} -> {loss_after:.4f}")
+
+    adapter_dir = out_dir / "sft" / "adapter"
+    if trainer.is_fsdp_enabled:  # gather the shards: a normal adapter file that from_pretrained can read
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(adapter_dir))  # every process takes part; only the main one writes
+    if state.is_main_process:
+        tokenizer.save_pretrained(str(adapter_dir))
+        report.record(out_dir, "sft/eval_loss_before", loss_before)
+        report.record(out_dir, "sft/eval_loss_after", loss_after)
+        report.record(out_dir, "sft/eval_loss_drop", (loss_before - loss_after) / loss_before)
+        report.write_manifest(out_dir, "sft", {
+            "profile": profile.name,
+            "base_model": profile.model_id,
+            "data": profile.sft_data,
+            "adapter_dir": str(adapter_dir),
+            "steps": trainer.state.global_step,
+            "metrics": {k: v for k, v in report.load_metrics(out_dir).items() if k.startswith(("sft/", "base/"))},
+        })
+        distributed.log(f"wrote adapter {adapter_dir} and {out_dir / 'sft' / 'manifest.json'}")
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""scripts/sft.py and scripts/dpo.py really distributed: `accelerate launch --num_processes 2` on the CPU (gloo)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from utils import models
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "accelerate" / "multi_gpu.yaml"  # the shipped DDP file; without a GPU it runs on gloo
+TRAINED = re.compile(r"^\[rank (\d)/(\d)\] trained (\d+) steps, losses \[(.*)\], "
+                     r"eval loss ([^\s,]+) -> ([^\s,]+)", re.M)
+WROTE = re.compile(r"^\[rank (\d)/(\d)\] wrote adapter", re.M)
+TINY = ["--max_length", "64", "--batch_size", "2", "--sft_train_rows", "32", "--sft_eval_rows", "4",
+        "--sft_steps", "4", "--sft_lr", "1e-2", "--dpo_steps", "2", "--dpo_batch_size", "2", "--pref_train_rows", "8",
+        "--pref_eval_rows", "2", "--dpo_lr", "1e-2", "--save_steps", "100"]
+
+
+def launch(script: str, model_dir: Path, out_dir: Path) -> str:
+    """Run a script under `accelerate launch` with 2 CPU processes on the tiny model; returns stdout."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--num_processes", "2",
+           "--main_process_port", "0", f"scripts/{script}", "--profile", "cpu", "--model_id", str(model_dir),
+           "--output_dir", str(out_dir), *TINY]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path (gloo) even on a machine with GPUs
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return run.stdout
+
+
+def check_both_ranks_trained(stdout: str, steps: int) -> None:
+    """Each of the 2 ranks trained `steps` steps in step with the other (same gathered losses); the loss fell."""
+    runs = {int(m[0]): m for m in TRAINED.findall(stdout)}
+    assert sorted(runs) == [0, 1] and all(m[1] == "2" for m in runs.values()), f"not 2 ranks of 2:\n{stdout}"
+    assert {int(m[2]) for m in runs.values()} == {steps}, f"ranks trained different step counts:\n{stdout}"
+    assert runs[0][3] == runs[1][3], "the ranks logged different losses: they did not train together"
+    losses = [float(x) for x in runs[0][3].split(",")]
+    before, after = float(runs[0][4]), float(runs[0][5])
+    assert all(math.isfinite(x) for x in [*losses, before, after])
+    assert after < before, f"held-out loss did not fall: {before} -> {after}"
+    assert WROTE.findall(stdout) == [("0", "2")], "exactly one process, rank 0, must write the outputs"
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """(tiny model folder, output folder, stdout) of one 2-process SFT run."""
+    tmp = tmp_path_factory.mktemp("scripts")
+    model_dir = models.save_tiny_gemma(tmp / "tiny")
+    out_dir = tmp / "out"
+    return model_dir, out_dir, launch("sft.py", model_dir, out_dir)
+
+
+@pytest.mark.slow
+def test_sft_trains_on_both_ranks_and_saves_one_adapter(sft_run):
+    _, out_dir, stdout = sft_run
+    check_both_ranks_trained(stdout, steps=4)
+    saved = out_dir.rglob("adapter_model.safetensors")
+    adapters = [p.relative_to(out_dir) for p in saved if "checkpoints" not in p.parts]
+    assert adapters == [Path("sft/adapter/adapter_model.safetensors")]
+    assert [p.relative_to(out_dir) for p in out_dir.rglob("manifest.json")] == [Path("sft/manifest.json")]
+
+
+@pytest.mark.slow
+def test_dpo_reads_the_sft_manifest_and_trains_on_both_ranks(sft_run):
+    model_dir, out_dir, _ = sft_run
+    stdout = launch("dpo.py", model_dir, out_dir)
+    check_both_ranks_trained(stdout, steps=2)
+    assert (out_dir / "dpo" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out_dir / "dpo" / "merged" / "model.safetensors").is_file()
+    assert (out_dir / "dpo" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "fsdp_qlora", "deepspeed_zero3"])
+def test_accelerate_configs_load_and_say_when_to_pick_them(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = ROOT / "configs" / "accelerate" / f"{name}.yaml"
+    assert path.read_text().startswith("# ") and f"--config_file configs/accelerate/{name}.yaml" in path.read_text()
+    config = load_config_from_file(str(path))
+    assert config.mixed_precision == "no", "precision comes from the profile (the TRL config's bf16)"
+    if name == "fsdp_qlora":  # the PEFT guide's settings for QLoRA under FSDP
+        fsdp = config.fsdp_config
+        assert fsdp["fsdp_use_orig_params"] is False and fsdp["fsdp_cpu_ram_efficient_loading"] is True
+        assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+
+
+def test_4bit_weights_are_stored_in_the_compute_dtype_so_fsdp_can_shard_them():
+    from utils.profiles import get_profile
+
+    quant = models.quantization_config(get_profile("rtx4090"))
+    assert quant.bnb_4bit_quant_storage == quant.bnb_4bit_compute_dtype

@@ -1,0 +1,105 @@
+"""The course's training recipes: TRL configs built from a profile, shared by notebooks, scripts and benchmarks."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from datasets import Dataset, DatasetDict
+from peft import LoraConfig
+from trl import DPOConfig, SFTConfig
+
+from utils import data
+from utils.models import use_bf16_autocast
+from utils.profiles import Profile
+
+
+def _common(profile: Profile, output_dir: str | Path) -> dict:
+    """Trainer arguments that SFT and DPO share: batch shape, precision, checkpoints, seed."""
+    return {
+        "output_dir": str(output_dir),
+        "gradient_accumulation_steps": profile.grad_accum,
+        "gradient_checkpointing": profile.gradient_checkpointing,
+        "lr_scheduler_type": "constant",
+        "save_steps": profile.save_steps,
+        "save_total_limit": 1,
+        "bf16": use_bf16_autocast(profile),
+        "use_cpu": not torch.cuda.is_available(),
+        "report_to": "none",
+        "seed": profile.seed,
+    }
+
+
+def sft_config(profile: Profile, output_dir: str | Path, **overrides) -> SFTConfig:
+    """SFTConfig for the profile: loss on the replies only, padding-free batches where the profile says so.
+
+    Padding-free batches concatenate the rows (position ids mark where each starts), so TRL does not truncate:
+    drop rows longer than max_length first (`data.drop_longer_than`).
+    """
+    args = {
+        **_common(profile, output_dir),
+        "max_length": None if profile.padding_free else profile.max_length,
+        "padding_free": profile.padding_free,
+        "assistant_only_loss": True,
+        "per_device_train_batch_size": profile.batch_size,
+        "per_device_eval_batch_size": profile.batch_size,
+        "max_steps": profile.sft_steps,
+        "learning_rate": profile.sft_lr,
+        "logging_steps": max(1, profile.sft_steps // 10),
+        "eval_strategy": "steps",
+        "eval_steps": max(1, profile.sft_steps // 2),
+    }
+    return SFTConfig(**{**args, **overrides})
+
+
+def _first(ds: Dataset, n: int | None) -> Dataset:
+    return ds.select(range(min(n or len(ds), len(ds))))
+
+
+def sft_datasets(profile: Profile, tokenizer, sft_data: DatasetDict) -> tuple[Dataset, Dataset]:
+    """(train, eval) sets for SFTTrainer; padding-free runs drop rows longer than max_length (they are not cut)."""
+    train, test = sft_data["train_sft"], sft_data["test_sft"]
+    if profile.padding_free:
+        train = data.drop_longer_than(tokenizer, train, profile.max_length)
+        test = data.drop_longer_than(tokenizer, test, profile.max_length)
+    return data.for_sft_trainer(train), data.for_sft_trainer(_first(test, profile.sft_eval_rows))
+
+
+def dpo_datasets(profile: Profile, prefs: DatasetDict) -> tuple[Dataset, Dataset]:
+    """(train, eval) pairs for DPOTrainer, in the explicit prompt/chosen/rejected form."""
+    return data.for_dpo_trainer(prefs["train_prefs"]), data.for_dpo_trainer(_first(prefs["test_prefs"],
+                                                                                   profile.pref_eval_rows))
+
+
+def dpo_lora_config(profile: Profile) -> LoraConfig:
+    """The new LoRA adapter that DPO trains on top of the merged SFT model."""
+    return LoraConfig(r=profile.lora_r, lora_alpha=profile.lora_alpha, lora_dropout=profile.lora_dropout,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def dpo_config(profile: Profile, output_dir: str | Path, **overrides) -> DPOConfig:
+    """DPOConfig for the profile: beta, optional SFT term (RPO), constant learning rate, explicit evaluations."""
+    loss_type = ["sigmoid", "sft"] if profile.dpo_sft_weight > 0 else ["sigmoid"]
+    args = {
+        **_common(profile, output_dir),
+        "beta": profile.dpo_beta,
+        "loss_type": loss_type,
+        "loss_weights": [1.0, profile.dpo_sft_weight] if len(loss_type) == 2 else None,
+        "learning_rate": profile.dpo_lr,
+        "max_length": profile.max_length,
+        "per_device_train_batch_size": profile.dpo_batch_size,
+        "per_device_eval_batch_size": profile.dpo_batch_size,
+        "max_steps": profile.dpo_steps,
+        "logging_steps": 1,
+        "eval_strategy": "no",
+    }
+    return DPOConfig(**{**args, **overrides})
+
+
+def changed_from_defaults(config: SFTConfig | DPOConfig) -> dict:
+    """The fields of a TRL config that differ from TRL's own defaults (what the course chose)."""
+    default = type(config)(output_dir=config.output_dir, use_cpu=config.use_cpu)
+    skip = {"output_dir", "logging_dir", "use_cpu", "report_to"}
+    return {f.name: getattr(config, f.name) for f in fields(config)
+            if f.name not in skip and getattr(config, f.name) != getattr(default, f.name)}
