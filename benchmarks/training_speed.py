@@ -2,7 +2,7 @@
 
 Every arm trains in a fresh subprocess on the same model, data, LoRA config, seed and step count; only the trainer
 config differs. Real tokens are the non-padding tokens of the training batches; peak memory is the resident set
-size sampled during training. Writes benchmarks/results/training.json (and returns the rows to bench.py).
+size sampled during training. Prints the course-vs-baseline ratios; bench.py saves the full results.
 
     python benchmarks/training_speed.py [--sft-steps 10] [--dpo-steps 8] [--tiny]
 """
@@ -28,7 +28,7 @@ class TokenCounter:
     """Wraps a data collator and counts the real (non-padding) and total token slots of every batch."""
 
     def __init__(self, collate):
-        self.collate, self.real, self.total, self.batches = collate, 0, 0, 0
+        self.collate, self.real, self.total = collate, 0, 0
 
     def __call__(self, features):
         batch = self.collate(features)
@@ -39,7 +39,6 @@ class TokenCounter:
         else:  # padding-free: one concatenated row, every slot real
             n = sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
             self.real, self.total = self.real + n, self.total + n
-        self.batches += 1
         return batch
 
 
@@ -75,14 +74,14 @@ def _profile(tiny_dir: str | None, **overrides):
     return get_profile("cpu", **overrides)
 
 
-def _trl_default_sft_config(profile, out: str):
+def _trl_default_sft_config(profile, out: str, **quiet):
     """SFTConfig as a user writes it from TRL's docs: the learning settings, everything else TRL's default."""
     from trl import SFTConfig
 
     return SFTConfig(output_dir=out, max_length=profile.max_length, assistant_only_loss=True,
                      per_device_train_batch_size=profile.batch_size, per_device_eval_batch_size=profile.batch_size,
                      max_steps=profile.sft_steps, learning_rate=profile.sft_lr, lr_scheduler_type="constant",
-                     seed=profile.seed, use_cpu=True, report_to="none")
+                     seed=profile.seed, use_cpu=True, report_to="none", **quiet)
 
 
 def run_sft(arm: str, steps: int, tiny_dir: str | None, out: str) -> dict:
@@ -100,11 +99,8 @@ def run_sft(arm: str, steps: int, tiny_dir: str | None, out: str) -> dict:
     model = models.add_lora(models.load_base_model(profile), models.lora_config(profile, tokenizer),
                             gradient_checkpointing=profile.gradient_checkpointing)
     quiet = {"save_strategy": "no", "eval_strategy": "no", "logging_steps": 1, "disable_tqdm": True}
-    if arm == "sft:course":
-        config = recipes.sft_config(profile, out, **quiet)
-    else:
-        config = _trl_default_sft_config(profile, out)
-        config.save_strategy, config.eval_strategy, config.disable_tqdm = "no", "no", True
+    make_config = recipes.sft_config if arm == "sft:course" else _trl_default_sft_config
+    config = make_config(profile, out, **quiet)
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer)
     return _train_and_measure(trainer, config)

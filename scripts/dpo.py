@@ -10,18 +10,13 @@ from utils import logs
 
 logs.quiet()  # hide library warnings and loading bars
 
-import torch  # noqa: E402
 from trl import DPOTrainer  # noqa: E402
 
 from utils import chat, cli, data, distributed, models, recipes, report  # noqa: E402
 
 
 def main() -> None:
-    profile, override = cli.parse(description=__doc__)
-    state = distributed.state()
-    out_dir = cli.output_dir(profile, override)
-    torch.manual_seed(profile.seed)
-    distributed.log(f"profile {profile.name}, model {profile.model_id}, writing to {out_dir}")
+    profile, state, out_dir = cli.start(__doc__)
 
     sft = report.read_manifest(out_dir, "sft", made_by="scripts/sft.py (or notebook 02)")
     merged_dir = out_dir / "sft" / "merged"
@@ -51,9 +46,7 @@ def main() -> None:
                     f"-> {final['eval_loss']:.4f}, reward accuracy {final['eval_rewards/accuracies']:.2f}")
 
     adapter_dir = out_dir / "dpo" / "adapter"
-    if trainer.is_fsdp_enabled:  # gather the shards: a normal adapter file that from_pretrained can read
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(adapter_dir))  # every process takes part; only the main one writes
+    distributed.save_model(trainer, adapter_dir)
     if state.is_main_process:
         tokenizer.save_pretrained(str(adapter_dir))
         dpo_merged_dir = models.merge_adapter(profile, adapter_dir, out_dir / "dpo" / "merged", base_path=merged_dir)

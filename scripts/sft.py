@@ -10,18 +10,13 @@ from utils import logs
 
 logs.quiet()  # hide library warnings and loading bars
 
-import torch  # noqa: E402
 from trl import SFTTrainer  # noqa: E402
 
 from utils import chat, cli, data, distributed, models, recipes, report  # noqa: E402
 
 
 def main() -> None:
-    profile, override = cli.parse(description=__doc__)
-    state = distributed.state()
-    out_dir = cli.output_dir(profile, override)
-    torch.manual_seed(profile.seed)
-    distributed.log(f"profile {profile.name}, model {profile.model_id}, writing to {out_dir}")
+    profile, state, out_dir = cli.start(__doc__)
 
     sft_data = data.load_sft_dataset(profile.sft_data, max_rows=profile.sft_train_rows)
     tokenizer = chat.setup_tokenizer(models.load_tokenizer(profile), profile.max_length)
@@ -48,9 +43,7 @@ def main() -> None:
                     f"eval loss {loss_before:.4f} -> {loss_after:.4f}")
 
     adapter_dir = out_dir / "sft" / "adapter"
-    if trainer.is_fsdp_enabled:  # gather the shards: a normal adapter file that from_pretrained can read
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(adapter_dir))  # every process takes part; only the main one writes
+    distributed.save_model(trainer, adapter_dir)
     if state.is_main_process:
         tokenizer.save_pretrained(str(adapter_dir))
         report.record(out_dir, "sft/eval_loss_before", loss_before)

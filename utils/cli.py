@@ -7,7 +7,10 @@ import types
 import typing
 from pathlib import Path
 
-from utils import report
+import torch
+from accelerate import PartialState
+
+from utils import distributed, report
 from utils.errors import CourseError
 from utils.profiles import Profile, get_profile
 
@@ -65,3 +68,13 @@ def parse(argv: list[str] | None = None, description: str | None = None) -> tupl
 def output_dir(profile: Profile, override: str | None) -> Path:
     """--output_dir if given, else outputs/<profile>/scripts, apart from the notebooks' outputs/<profile>."""
     return report.output_dir(profile.name, override or report.output_dir(profile.name) / "scripts")
+
+
+def start(description: str) -> tuple[Profile, PartialState, Path]:
+    """A script's opening: (profile from the command line, this process's state, output folder), seeded and logged."""
+    profile, override = parse(description=description)
+    state = distributed.state()
+    out_dir = output_dir(profile, override)
+    torch.manual_seed(profile.seed)
+    distributed.log(f"profile {profile.name}, model {profile.model_id}, writing to {out_dir}")
+    return profile, state, out_dir

@@ -39,3 +39,13 @@ def device_map() -> dict | None:
     if not torch.cuda.is_available() or strategy() != "ddp":
         return None
     return {"": int(os.environ.get("LOCAL_RANK", 0))}
+
+
+def save_model(trainer, path) -> None:
+    """Save the trained adapter to path; every process takes part, only the main one writes.
+
+    Under FSDP the shards are gathered first, so that the file is a normal adapter from_pretrained can read.
+    """
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(path))
