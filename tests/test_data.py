@@ -560,3 +560,74 @@ def test_raw_hub_rows_break_dpo_trainer(dpo_runs):
     print({seed: results.get("raw_error") for seed, (_, results, _) in dpo_runs.items()})
     assert all(outcome is not None for outcome in outcomes.values()), outcomes
     assert any(outcome == "failed in trl" for outcome in outcomes.values()), outcomes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 9. TRL's standard preference format, and broken JSON lines named by file and line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def standard_row(i: int) -> dict:
+    """A row in TRL's standard preference format: prompt, chosen and rejected as plain strings."""
+    return {"prompt": f"What is {i} times {i}?", "chosen": f"It is {i * i}.", "rejected": f"It is {i * i + 1}."}
+
+
+def test_trl_standard_format_loads_whole_as_conversations(tmp_path):
+    rows = {"train_prefs": [standard_row(i) for i in range(7)], "test_prefs": [standard_row(i) for i in range(10, 13)]}
+    for split, part in rows.items():
+        write_jsonl(tmp_path / f"{split}.jsonl", part)
+    prefs = load_preference_dataset(tmp_path)
+    for split, part in rows.items():
+        lines = (tmp_path / f"{split}.jsonl").read_text().splitlines()
+        assert len(prefs[split]) == len(lines) == len(part), split
+        for raw, row in zip(part, prefs[split]):
+            assert row["prompt"] == [{"role": "user", "content": raw["prompt"]}]
+            assert row["chosen"] == [{"role": "assistant", "content": raw["chosen"]}]
+            assert row["rejected"] == [{"role": "assistant", "content": raw["rejected"]}]
+    assert for_dpo_trainer(prefs["train_prefs"]).column_names == ["prompt", "chosen", "rejected"]
+
+
+@pytest.mark.parametrize("row", PREF_SAMPLES[:3], ids=["shipped_train", "shipped_test", "synthetic"])
+def test_standard_form_normalises_like_the_conversational_forms(row):
+    standard = {"prompt": row["chosen"][0]["content"], "chosen": row["chosen"][-1]["content"],
+                "rejected": row["rejected"][-1]["content"]}
+    assert normalise_preference_row(standard) == normalise_preference_row(copy.deepcopy(row))
+
+
+def test_string_answers_without_a_prompt_say_what_form_is_expected():
+    with pytest.raises(CourseError, match=r"'chosen' must be a list of messages, or a string with a string 'prompt'"):
+        normalise_preference_row({"chosen": "Blue.", "rejected": "Green."})
+
+
+BROKEN_LINES = {
+    "cut_short": '{"prompt": "Why is the sky',
+    "two_objects": '{"a": 1} {"b": 2}',
+    "not_an_object": '["prompt", "chosen"]',
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_LINES))
+@pytest.mark.parametrize("loader, splits, make_row", [(load_sft_dataset, SFT_SPLITS, sft_row),
+                                                      (load_preference_dataset, PREF_SPLITS, standard_row)],
+                         ids=["sft", "prefs"])
+def test_broken_json_line_is_named_by_file_and_line(tmp_path, loader, splits, make_row, case):
+    for split in splits:
+        write_jsonl(tmp_path / f"{split}.jsonl", [make_row(i) for i in range(5)])
+    broken = tmp_path / f"{splits[1]}.jsonl"
+    lines = broken.read_text().splitlines()
+    lines[3] = BROKEN_LINES[case]  # line 4 of the file
+    broken.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as info:
+        loader(tmp_path)
+    message = str(info.value)
+    assert f"{broken}, line 4:" in message, message
+    assert "one JSON object" in message, message
+
+
+def test_blank_lines_are_not_rows(tmp_path):
+    """The control for the broken-line test: a trailing or blank line is no error and no row."""
+    for split in PREF_SPLITS:
+        rows = [json.dumps(standard_row(i)) for i in range(4)]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(rows[:2] + [""] + rows[2:]) + "\n\n")
+    assert {k: len(v) for k, v in load_preference_dataset(tmp_path).items()} == {s: 4 for s in PREF_SPLITS}
+

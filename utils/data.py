@@ -46,6 +46,24 @@ def _hub_error(source: str, err: Exception) -> DataError:
     )
 
 
+def _check_jsonl(path: Path) -> None:
+    """Raise DataError naming the file and line of the first line that is not one JSON object (blank lines pass)."""
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                problem = f"{err.msg} at column {err.colno}"
+            else:
+                if isinstance(row, dict):
+                    continue
+                problem = f"a JSON {type(row).__name__}, not an object"
+            raise DataError(f"{path}, line {number}: {problem}. Each line of a .jsonl file must be one JSON object "
+                            f'({{"prompt": ..., "chosen": ..., ...}}); fix or remove that line.')
+
+
 def _load_local(folder: Path, split: str) -> Dataset:
     found = _local_split_files(folder, split)
     if found is None:
@@ -54,6 +72,9 @@ def _load_local(folder: Path, split: str) -> Dataset:
             f"Expected a file named {split}.jsonl or {split}.parquet."
         )
     fmt, files = found
+    if fmt == "json":
+        for file in files:
+            _check_jsonl(Path(file))
     try:  # from_json/from_parquet: no network call, unlike load_dataset("json", ...)
         return Dataset.from_json(files) if fmt == "json" else Dataset.from_parquet(files)
     except Exception as err:
@@ -109,9 +130,10 @@ def check_sft_row(row: dict) -> str | None:
     return None
 
 
-def _as_conversation(value, name: str, prompt_text: str | None) -> list[dict]:
+def _as_conversation(value, name: str) -> list[dict]:
     if not isinstance(value, list):
-        raise CourseError(f"'{name}' must be a list of messages, got {type(value).__name__}")
+        raise CourseError(f"'{name}' must be a list of messages, or a string with a string 'prompt' (TRL's standard "
+                          f"form), got {type(value).__name__}")
     validate_messages(value)
     if value[-1]["role"] != "assistant":
         raise CourseError(f"'{name}' must end with an assistant turn")
@@ -122,7 +144,8 @@ def normalise_preference_row(row: dict) -> dict:
     """Any accepted preference form -> explicit prompt messages plus one-message chosen/rejected lists.
 
     Accepted: UltraFeedback binarized (string prompt, full chosen/rejected conversations), TRL explicit
-    (prompt messages, assistant-only chosen/rejected) and TRL implicit (no prompt, full conversations).
+    (prompt messages, assistant-only chosen/rejected), TRL implicit (no prompt, full conversations) and TRL standard
+    (prompt, chosen and rejected as plain strings: one user turn and its two candidate replies).
     """
     for name in ("chosen", "rejected"):
         if name not in row:
@@ -133,11 +156,15 @@ def normalise_preference_row(row: dict) -> dict:
         validate_messages(prompt)
         if prompt[-1]["role"] != "user":
             raise CourseError("the prompt must end with a user turn")
-        chosen = _as_conversation(prompt + list(chosen or []), "chosen", None)
-        rejected = _as_conversation(prompt + list(rejected or []), "rejected", None)
+        chosen = _as_conversation(prompt + list(chosen or []), "chosen")
+        rejected = _as_conversation(prompt + list(rejected or []), "rejected")
+    elif isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):  # TRL standard form
+        user = [{"role": "user", "content": prompt}]
+        chosen = _as_conversation(user + [{"role": "assistant", "content": chosen}], "chosen")
+        rejected = _as_conversation(user + [{"role": "assistant", "content": rejected}], "rejected")
     else:
-        chosen = _as_conversation(chosen, "chosen", prompt)
-        rejected = _as_conversation(rejected, "rejected", prompt)
+        chosen = _as_conversation(chosen, "chosen")
+        rejected = _as_conversation(rejected, "rejected")
     if chosen[:-1] != rejected[:-1]:
         raise CourseError("chosen and rejected do not share the same prompt turns")
     if isinstance(prompt, str):
