@@ -26,6 +26,8 @@ def main() -> None:
     tokenizer = chat.setup_tokenizer(models.load_tokenizer(profile), profile.max_length)
     prefs = data.load_preference_dataset(profile.pref_data, max_rows=profile.pref_train_rows)
     train_pairs, eval_pairs = recipes.dpo_datasets(profile, prefs)
+    for split, pairs in (("training", train_pairs), ("evaluation", eval_pairs)):  # notebook 04's check
+        data.check_max_length(tokenizer, pairs, profile.max_length, split=split)
 
     model = models.load_base_model(profile, path=merged_dir)
     config = recipes.dpo_config(profile, out_dir / "dpo" / "checkpoints")

@@ -20,6 +20,9 @@ def main() -> None:
 
     sft_data = data.load_sft_dataset(profile.sft_data, max_rows=profile.sft_train_rows)
     tokenizer = chat.setup_tokenizer(models.load_tokenizer(profile), profile.max_length)
+    for split in sft_data:  # notebook 02's check: rows that max_length drops or cuts, counted before training
+        data.check_max_length(tokenizer, sft_data[split], profile.max_length, padding_free=profile.padding_free,
+                              split=split)
     train_set, eval_set = recipes.sft_datasets(profile, tokenizer, sft_data)
     model = models.load_base_model(profile)
     model = models.add_lora(model, models.lora_config(profile, tokenizer),

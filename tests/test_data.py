@@ -19,7 +19,7 @@ from datasets import Dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from utils import chat
+from utils import chat, data
 from utils.chat import validate_messages
 from utils.data import (
     DataError,
@@ -631,3 +631,81 @@ def test_blank_lines_are_not_rows(tmp_path):
         (tmp_path / f"{split}.jsonl").write_text("\n".join(rows[:2] + [""] + rows[2:]) + "\n\n")
     assert {k: len(v) for k, v in load_preference_dataset(tmp_path).items()} == {s: 4 for s in PREF_SPLITS}
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# 10. What max_length drops or cuts: counted and printed before training, as TRL 1.16 then does it
+# ----------------------------------------------------------------------------------------------------------------
+
+MAX_LENGTH = 48
+LONG_TEXT = " ".join(f"word{i}" for i in range(80))  # about 160 tokens: more than MAX_LENGTH alone
+
+
+def over_long_pairs() -> list[dict]:
+    """Six pairs: one whose prompt alone fills MAX_LENGTH, two whose answers run past it, three that fit."""
+    rows = [standard_row(i) for i in range(6)]
+    rows[1]["prompt"] = f"Summarise this: {LONG_TEXT}"
+    rows[2]["chosen"] = f"Here is a long answer: {LONG_TEXT}"
+    rows[4]["rejected"] = f"Here is a long wrong answer: {LONG_TEXT}"
+    return rows
+
+
+def over_long_conversations() -> list[dict]:
+    """Five conversations: one whose question alone fills MAX_LENGTH, one whose reply runs past it, three that fit."""
+    rows = [sft_row(i) for i in range(5)]
+    rows[0]["messages"][0]["content"] = f"Summarise this: {LONG_TEXT}"
+    rows[3]["messages"][1]["content"] = f"Here is a long answer: {LONG_TEXT}"
+    return rows
+
+
+def test_length_check_counts_what_dpo_trainer_drops_and_cuts(tmp_path, tokenizer, tiny_model, capsys):
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    write_jsonl(tmp_path / "train_prefs.jsonl", over_long_pairs())
+    write_jsonl(tmp_path / "test_prefs.jsonl", [standard_row(i) for i in range(10, 12)])
+    pairs = for_dpo_trainer(load_preference_dataset(tmp_path)["train_prefs"])
+    counts = data.check_max_length(tokenizer, pairs, MAX_LENGTH)
+    out = capsys.readouterr().out
+    assert counts == {"rows": 6, "dropped": 1, "cut": 2, "longest": counts["longest"]} and counts["longest"] > 150
+    assert re.search(rf"max_length={MAX_LENGTH}, 6 training pairs: 1 dropped \(DPOTrainer drops them.*2 cut", out), out
+
+    args = DPOConfig(output_dir=str(tmp_path / "out"), max_length=MAX_LENGTH, report_to="none", use_cpu=True,
+                     bf16=False)
+    trainer = DPOTrainer(model=tiny_model, ref_model=None, args=args, train_dataset=pairs, processing_class=tokenizer,
+                         peft_config=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    kept = trainer.train_dataset
+    assert args.truncation_mode == "keep_start"
+    assert len(kept) == counts["rows"] - counts["dropped"]
+    longer = [r for r in kept if len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) > MAX_LENGTH]
+    assert len(longer) == counts["cut"]
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding_free"])
+def test_length_check_counts_what_sft_drops_and_cuts(tmp_path, tokenizer, tiny_model, capsys, padding_free):
+    from trl import SFTConfig, SFTTrainer
+
+    from utils import recipes
+    from utils.profiles import get_profile
+
+    write_jsonl(tmp_path / "train_sft.jsonl", over_long_conversations())
+    write_jsonl(tmp_path / "test_sft.jsonl", [sft_row(i) for i in range(10, 12)])
+    sft = load_sft_dataset(tmp_path)
+    counts = data.check_max_length(tokenizer, sft["train_sft"], MAX_LENGTH, padding_free=padding_free)
+    out = capsys.readouterr().out
+    expected = {"dropped": 2, "cut": 0} if padding_free else {"dropped": 1, "cut": 1}
+    assert {k: counts[k] for k in ("rows", "dropped", "cut")} == {"rows": 5, **expected}
+    assert f"5 training conversations: {expected['dropped']} dropped" in out, out
+
+    profile = get_profile("cpu", max_length=MAX_LENGTH, padding_free=padding_free)
+    train, _ = recipes.sft_datasets(profile, tokenizer, sft)
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_length=None if padding_free else MAX_LENGTH,
+                     padding_free=padding_free, assistant_only_loss=True, report_to="none", use_cpu=True, bf16=False)
+    kept = SFTTrainer(model=tiny_model, args=args, train_dataset=train, processing_class=tokenizer).train_dataset
+    assert len(kept) == counts["rows"] - counts["dropped"]
+    assert sum(len(r["input_ids"]) == MAX_LENGTH for r in kept) == counts["cut"]
+
+
+def test_length_check_refuses_a_max_length_that_loses_most_rows(tokenizer):
+    pairs = for_dpo_trainer(Dataset.from_list([normalise_preference_row(r) for r in over_long_pairs()]))
+    with pytest.raises(DataError, match=r"max_length=8 is too short.*100% of training pairs would be dropped"):
+        data.check_max_length(tokenizer, pairs, 8)

@@ -33,9 +33,11 @@ def test_too_little_gpu_memory_names_estimate_and_fix():
 
 def test_max_length_shorter_than_prompts_says_what_share_is_cut(tokenizer):
     train = data.load_sft_dataset("data/ultrachat_mini", max_rows=40)["train_sft"]
-    with pytest.raises(data.DataError, match=r"max_length=16 is too short.*100% of rows would be truncated"):
+    with pytest.raises(data.DataError, match=r"max_length=16 is too short.*100% of training conversations would be "
+                                              r"dropped or truncated"):
         data.check_max_length(tokenizer, train, 16)
-    assert data.check_max_length(tokenizer, train, 256) == 0.0
+    counts = data.check_max_length(tokenizer, train, 256)
+    assert (counts["rows"], counts["dropped"], counts["cut"]) == (40, 0, 0)
 
 
 @pytest.mark.slow

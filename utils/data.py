@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset
 
-from utils.chat import render, validate_messages
+from utils.chat import encode, render, validate_messages
 from utils.errors import CourseError
 
 SFT_SPLITS = ("train_sft", "test_sft")
@@ -285,22 +285,69 @@ def length_report(tokenizer, ds: Dataset, max_length: int) -> dict:
 
 def drop_longer_than(tokenizer, ds: Dataset, max_length: int) -> Dataset:
     """The rows of ds whose whole conversation fits in max_length tokens (for padding-free batches, which don't cut)."""
-    totals = length_report(tokenizer, ds, max_length)["lengths"]["total"]
-    keep = [i for i, n in enumerate(totals) if n <= max_length]
+    keep = [i for i, r in enumerate(ds) if len(encode(tokenizer, r["messages"])["input_ids"]) <= max_length]
     if len(keep) < len(ds):
         print(f"Dropped {len(ds) - len(keep)} of {len(ds)} rows longer than max_length={max_length}.")
     return ds.select(keep)
 
 
-def check_max_length(tokenizer, ds: Dataset, max_length: int, max_cut_share: float = 0.5) -> float:
-    """Share of rows longer than max_length; raises DataError when even the prompts do not fit for many rows."""
-    report = length_report(tokenizer, ds, max_length)
-    prompt_cut = float(np.mean(np.asarray(report["lengths"]["prompt"]) >= max_length))
-    if prompt_cut > 0 or report["truncated_share"] > max_cut_share:
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _pair_fate(tokenizer, row: dict, max_length: int) -> tuple[str | None, int]:
+    """(fate, tokens) of a pair in DPOTrainer 1.16 (keep_start): "dropped" if the prompt alone fills max_length,
+    "cut" if prompt + the longer answer exceeds it, else None; tokens = that longest sequence."""
+    prompt = encode(tokenizer, row["prompt"], add_generation_prompt=True)["input_ids"]
+    sequences = [encode(tokenizer, row["prompt"] + row[name])["input_ids"] for name in ("chosen", "rejected")]
+    tokens = max(map(len, sequences))
+    if min(_common_prefix(prompt, ids) for ids in sequences) >= max_length:
+        return "dropped", tokens
+    return ("cut" if tokens > max_length else None), tokens
+
+
+def _conversation_fate(tokenizer, messages: list[dict], max_length: int, padding_free: bool) -> tuple[str | None, int]:
+    """(fate, tokens) of a conversation in SFTTrainer 1.16 with assistant_only_loss (keep_start): padding-free rows
+    longer than max_length are dropped by `recipes.sft_datasets`; padded ones are cut, or dropped by TRL when no reply
+    token is left within max_length."""
+    encoded = encode(tokenizer, messages)
+    tokens = len(encoded["input_ids"])
+    if tokens <= max_length:
+        return None, tokens
+    return ("dropped" if padding_free or 1 not in encoded["assistant_masks"][:max_length] else "cut"), tokens
+
+
+_WHY = {  # what happens to the rows counted as (dropped, cut), per kind of data
+    "pairs": ("DPOTrainer drops them: the prompt alone fills max_length",
+              "DPOTrainer keeps their first max_length tokens: the end of an answer is not scored"),
+    "conversations": ("SFTTrainer drops them: no reply token is left within max_length",
+                      "SFTTrainer keeps their first max_length tokens: the end of a reply is not trained on"),
+    "padding-free conversations": ("recipes.sft_datasets drops them: padding-free batches cannot cut a row", ""),
+}
+
+
+def check_max_length(tokenizer, ds: Dataset, max_length: int, padding_free: bool = False, split: str = "training",
+                     max_lost_share: float = 0.5) -> dict[str, int]:
+    """Count and print the rows TRL 1.16 will drop or cut at max_length: {"rows", "dropped", "cut", "longest"}.
+
+    Pairs (prompt/chosen/rejected) as DPOTrainer sees them, conversations (messages) as SFTTrainer or, with
+    padding_free, `recipes.sft_datasets` does. Raises DataError when more than max_lost_share of the rows are affected.
+    """
+    kind = "conversations" if "messages" in ds.column_names else "pairs"
+    fates = [_conversation_fate(tokenizer, r["messages"], max_length, padding_free) if kind == "conversations"
+             else _pair_fate(tokenizer, r, max_length) for r in ds]
+    counts = {"rows": len(fates), "dropped": sum(f == "dropped" for f, _ in fates),
+              "cut": sum(f == "cut" for f, _ in fates), "longest": max((n for _, n in fates), default=0)}
+    lost = counts["dropped"] + counts["cut"]
+    if counts["rows"] and lost / counts["rows"] > max_lost_share:
         raise DataError(
-            f"max_length={max_length} is too short for this data: {report['truncated_share']:.0%} of rows would be "
-            f"truncated and {prompt_cut:.0%} lose their whole answer (the prompt alone fills max_length; the longest "
-            f"row has {report['total']['max']:.0f} tokens, the 90th percentile {report['total']['p90']:.0f}). "
-            f"Raise max_length (get_profile(PROFILE, max_length=...)) or filter out long rows."
+            f"max_length={max_length} is too short for this data: {lost / counts['rows']:.0%} of {split} {kind} would "
+            f"be dropped or truncated ({counts['dropped']} dropped, {counts['cut']} cut; the longest has "
+            f"{counts['longest']} tokens). Raise max_length (get_profile(PROFILE, max_length=...)) or filter out long "
+            "rows."
         )
-    return report["truncated_share"]
+    dropped_why, cut_why = _WHY["padding-free conversations" if padding_free and kind == "conversations" else kind]
+    cut = f", {counts['cut']} cut ({cut_why})" if cut_why else ""
+    print(f"max_length={max_length}, {counts['rows']} {split} {kind}: {counts['dropped']} dropped ({dropped_why})"
+          f"{cut}; the longest has {counts['longest']} tokens.")
+    return counts
