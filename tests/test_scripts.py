@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -96,3 +97,113 @@ def test_4bit_weights_are_stored_in_the_compute_dtype_so_fsdp_can_shard_them():
 
     quant = models.quantization_config(get_profile("rtx4090"))
     assert quant.bnb_4bit_quant_storage == quant.bnb_4bit_compute_dtype
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One process, trackio on, data with over-long rows: the length check's counts and the dashboard's metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+SHORT = 48  # max_length of these runs
+LONG = " ".join(f"word{i}" for i in range(80))  # about 160 tokens
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _conversation(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def write_over_long_data(folder: Path) -> tuple[Path, Path]:
+    """SFT rows (1 question and 1 reply longer than SHORT among 8) and TRL standard-format pairs (1 prompt longer
+    than SHORT, 2 answers running past it, among 6); returns (sft folder, preference folder)."""
+    sft = [_conversation(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(8)]
+    sft[0] = _conversation(f"Summarise this: {LONG}", "No.")
+    sft[5] = _conversation("Say something long.", f"Here it is: {LONG}")
+    _write(folder / "sft" / "train_sft.jsonl", sft)
+    _write(folder / "sft" / "test_sft.jsonl", [_conversation(f"What is {i} plus 1?", f"It is {i + 1}.")
+                                               for i in range(3)])
+    pairs = [{"prompt": f"What is {i} times {i}?", "chosen": f"It is {i * i}.", "rejected": f"It is {i * i + 1}."}
+             for i in range(8)]
+    pairs[1]["prompt"] = f"Summarise this: {LONG}"
+    pairs[2]["chosen"] = f"Here is a long answer: {LONG}"
+    pairs[4]["rejected"] = f"Here is a long wrong answer: {LONG}"
+    _write(folder / "prefs" / "train_prefs.jsonl", pairs[:6])
+    _write(folder / "prefs" / "test_prefs.jsonl", pairs[6:])
+    return folder / "sft", folder / "prefs"
+
+
+def run_script(script: str, args: list[str]) -> str:
+    """`python scripts/<script> ...` in one process, offline; returns stdout."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return run.stdout
+
+
+READ_BACK = """
+import json, sys
+import trackio
+from trackio.sqlite_storage import SQLiteStorage
+
+project = sys.argv[1]
+print(json.dumps({run.name: SQLiteStorage.get_logs(project, run.name) for run in trackio.Api().runs(project)},
+                 default=str))
+"""
+
+
+def read_dashboard(trackio_dir: Path) -> dict[str, list[dict]]:
+    """Every run's logged rows, read back in a fresh process through trackio's own API (Api().runs, get_logs)."""
+    env = {**os.environ, "TRACKIO_DIR": str(trackio_dir), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", READ_BACK, "gemma-course"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def tracked_runs(tmp_path_factory):
+    """(stdout of sft.py, stdout of dpo.py, output folder) of one-process runs with --report_to trackio."""
+    tmp = tmp_path_factory.mktemp("tracked")
+    model_dir = models.save_tiny_gemma(tmp / "tiny")
+    sft_dir, pref_dir = write_over_long_data(tmp / "data")
+    out_dir = tmp / "out"
+    args = ["--profile", "cpu", "--model_id", str(model_dir), "--output_dir", str(out_dir), "--report_to", "trackio",
+            "--sft_data", str(sft_dir), "--pref_data", str(pref_dir), "--max_length", str(SHORT), "--batch_size", "2",
+            "--sft_eval_rows", "2", "--sft_steps", "3", "--sft_lr", "1e-2", "--dpo_steps", "2", "--dpo_batch_size",
+            "2", "--pref_eval_rows", "2", "--dpo_lr", "1e-2", "--save_steps", "100"]
+    return run_script("sft.py", args), run_script("dpo.py", args), out_dir
+
+
+def _losses(stdout: str) -> tuple[list[float], float, float]:
+    (run,) = TRAINED.findall(stdout)
+    return [float(x) for x in run[3].split(",")], float(run[4]), float(run[5])
+
+
+@pytest.mark.slow
+def test_scripts_print_what_max_length_drops_and_cuts(tracked_runs):
+    sft_out, dpo_out, _ = tracked_runs
+    assert f"max_length={SHORT}, 8 train_sft conversations: 2 dropped (recipes.sft_datasets drops them" in sft_out
+    assert f"max_length={SHORT}, 6 training pairs: 1 dropped (DPOTrainer drops them: the prompt alone fills " \
+           f"max_length), 2 cut (DPOTrainer keeps their first max_length tokens" in dpo_out, dpo_out
+    assert f"max_length={SHORT}, 2 evaluation pairs: 0 dropped" in dpo_out
+
+
+@pytest.mark.slow
+def test_trackio_dashboard_holds_the_logged_metrics_offline(tracked_runs):
+    sft_out, dpo_out, out_dir = tracked_runs
+    assert f"TRACKIO_DIR={out_dir.resolve() / 'trackio'} trackio show --project gemma-course" in sft_out
+    runs = read_dashboard(out_dir / "trackio")
+    assert sorted(name.split("-")[0] for name in runs) == ["dpo", "sft"], list(runs)
+    for stage, stdout in (("sft", sft_out), ("dpo", dpo_out)):
+        rows = next(rows for name, rows in runs.items() if name.startswith(f"{stage}-cpu-"))
+        losses, eval_before, eval_after = _losses(stdout)
+        assert [round(r["train/loss"], 4) for r in rows if "train/loss" in r] == losses, stage
+        evals = [round(r["eval/loss"], 4) for r in rows if "eval/loss" in r]  # sft.py also evaluates while training
+        assert (evals[0], evals[-1]) == (eval_before, eval_after), stage
+    dpo_rows = next(rows for name, rows in runs.items() if name.startswith("dpo-"))
+    for metric in ("train/rewards/margins", "train/rewards/chosen", "train/logps/chosen", "eval/rewards/accuracies"):
+        assert sum(metric in r for r in dpo_rows) == 2, metric  # 2 steps; 2 evaluations (before and after)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from utils import distributed, report
+from utils import distributed, report, tracking
 from utils.errors import CourseError
 from utils.profiles import Profile, get_profile
 
@@ -71,10 +71,14 @@ def output_dir(profile: Profile, override: str | None) -> Path:
 
 
 def start(description: str) -> tuple[Profile, PartialState, Path]:
-    """A script's opening: (profile from the command line, this process's state, output folder), seeded and logged."""
+    """A script's opening: (profile from the command line, this process's state, output folder), seeded and logged.
+
+    With --report_to trackio the metrics go to <output folder>/trackio (`tracking.start`).
+    """
     profile, override = parse(description=description)
     state = distributed.state()
     out_dir = output_dir(profile, override)
     torch.manual_seed(profile.seed)
     distributed.log(f"profile {profile.name}, model {profile.model_id}, writing to {out_dir}")
+    tracking.start(profile, out_dir)
     return profile, state, out_dir

@@ -282,7 +282,7 @@ def use_bf16_autocast(profile: Profile) -> bool:
 
 PLAN_FILE = "run_plan.json"
 NOT_PLAN = {"output_dir", "logging_dir", "disable_tqdm", "report_to", "logging_steps", "save_total_limit", "local_rank",
-            "hub_token"}
+            "hub_token", "project", "run_name", "trackio_static_space_id"}
 
 
 def _plan(config, inputs: dict) -> dict:

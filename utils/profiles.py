@@ -46,6 +46,7 @@ class Profile:
     max_new_tokens: int
     n_gen_prompts: int
     save_steps: int
+    report_to: str
     seed: int
     torch_threads: int | None
 
@@ -82,6 +83,7 @@ PROFILES: dict[str, Profile] = {
         max_new_tokens=64,
         n_gen_prompts=20,
         save_steps=5,
+        report_to="none",  # minutes-long runs, and CI: the printed logs are enough
         seed=42,
         torch_threads=None,
     ),
@@ -116,6 +118,7 @@ PROFILES: dict[str, Profile] = {
         max_new_tokens=256,
         n_gen_prompts=20,
         save_steps=100,
+        report_to="trackio",  # hours-long runs: a live local dashboard (utils/tracking.py)
         seed=42,
         torch_threads=None,
     ),

@@ -10,7 +10,7 @@ from datasets import Dataset, DatasetDict
 from peft import LoraConfig
 from trl import DPOConfig, SFTConfig
 
-from utils import data
+from utils import data, tracking
 from utils.models import use_bf16_autocast
 from utils.profiles import Profile
 
@@ -26,7 +26,6 @@ def _common(profile: Profile, output_dir: str | Path) -> dict:
         "save_total_limit": 1,
         "bf16": use_bf16_autocast(profile),
         "use_cpu": not torch.cuda.is_available(),
-        "report_to": "none",
         "seed": profile.seed,
     }
 
@@ -39,6 +38,7 @@ def sft_config(profile: Profile, output_dir: str | Path, **overrides) -> SFTConf
     """
     args = {
         **_common(profile, output_dir),
+        **tracking.trainer_args(profile, "sft"),
         "max_length": None if profile.padding_free else profile.max_length,
         "padding_free": profile.padding_free,
         "assistant_only_loss": True,
@@ -83,6 +83,7 @@ def dpo_config(profile: Profile, output_dir: str | Path, **overrides) -> DPOConf
     loss_type = ["sigmoid", "sft"] if profile.dpo_sft_weight > 0 else ["sigmoid"]
     args = {
         **_common(profile, output_dir),
+        **tracking.trainer_args(profile, "dpo"),
         "beta": profile.dpo_beta,
         "loss_type": loss_type,
         "loss_weights": [1.0, profile.dpo_sft_weight] if len(loss_type) == 2 else None,
@@ -100,6 +101,6 @@ def dpo_config(profile: Profile, output_dir: str | Path, **overrides) -> DPOConf
 def changed_from_defaults(config: SFTConfig | DPOConfig) -> dict:
     """The fields of a TRL config that differ from TRL's own defaults (what the course chose)."""
     default = type(config)(output_dir=config.output_dir, use_cpu=config.use_cpu)
-    skip = {"output_dir", "logging_dir", "use_cpu", "report_to"}
+    skip = {"output_dir", "logging_dir", "use_cpu", "run_name"}
     return {f.name: getattr(config, f.name) for f in fields(config)
             if f.name not in skip and getattr(config, f.name) != getattr(default, f.name)}
