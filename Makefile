@@ -10,7 +10,7 @@ PROFILE ?= auto
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,lab]"
 	touch $(STAMP)
 
 model: $(STAMP)  ## convert the embedded Gemma base once (cached in ~/.cache/gemma-course or $$COURSE_CACHE)
@@ -32,10 +32,8 @@ bench: model  ## training speed (course vs TRL defaults, DPO precompute) and mem
 check: $(STAMP)  ## what this machine has and what `make tutorial` would cost
 	$(PY) -m utils.run --check
 
-lab: model  ## Jupyter Lab with the course's kernel registered
-	$(PY) -m pip install --quiet -e ".[dev,lab]"
-	$(PY) -m ipykernel install --user --name gemma-course --display-name "Gemma course (.venv)"
-	$(VENV)/bin/jupyter lab notebooks/
+lab: model  ## Jupyter Lab with the course's kernel, as root or not; prints the address to open (LAB_ARGS="--ip 0.0.0.0")
+	$(PY) -m utils.lab $(LAB_ARGS)
 
 clean:  ## remove run outputs and caches (keeps the venv and the model cache)
 	rm -rf outputs .pytest_cache .ruff_cache
