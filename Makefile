@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= auto
 
-.PHONY: tutorial test unit bench lab model check clean distclean
+.PHONY: tutorial test test-avx2 unit bench lab model check clean distclean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,9 +19,13 @@ model: $(STAMP)  ## convert the embedded Gemma base once (cached in ~/.cache/gem
 tutorial: model  ## run every notebook in order on the best profile this machine supports
 	$(PY) -m utils.run --profile $(PROFILE)
 
-test: model  ## lint, unit tests, then every notebook under papermill on the cpu profile
+test: model  ## lint, unit tests, every notebook under papermill on the cpu profile, then the slow tier as on AVX2
 	$(VENV)/bin/ruff check utils tests notebooks benchmarks scripts
 	$(PY) -m pytest
+	$(MAKE) test-avx2
+
+test-avx2: model  ## the slow tier (real training runs) again on a reproduced AVX2-only processor (fp32 compute)
+	$(PY) -m utils.precision --avx2-only -- $(PY) -m pytest -m slow
 
 unit: model  ## the fast tests only (under a minute)
 	$(PY) -m pytest -m "not notebook and not slow"
@@ -29,8 +33,8 @@ unit: model  ## the fast tests only (under a minute)
 bench: model  ## training speed (course vs TRL defaults, DPO precompute) and memory estimator -> benchmarks/results/
 	$(PY) benchmarks/bench.py
 
-check: $(STAMP)  ## what this machine has and what `make tutorial` would cost
-	$(PY) -m utils.run --check
+check: model  ## this machine, the precision it computes in and why, and `make tutorial`'s time (one timed SFT step)
+	$(PY) -m utils.run --check --profile $(PROFILE)
 
 lab: model  ## Jupyter Lab with the course's kernel, as root or not; prints the address to open (LAB_ARGS="--ip 0.0.0.0")
 	$(PY) -m utils.lab $(LAB_ARGS)

@@ -84,14 +84,15 @@ def _trl_default_sft_config(profile, out: str, **quiet):
                      seed=profile.seed, use_cpu=True, report_to="none", **quiet)
 
 
-def run_sft(arm: str, steps: int, tiny_dir: str | None, out: str) -> dict:
+def run_sft(arm: str, steps: int, tiny_dir: str | None, out: str, compute_dtype: str = "auto") -> dict:
     """Train one SFT arm; the model, data and LoRA set-up are the course's in both arms."""
     import torch
     from trl import SFTTrainer
 
-    from utils import chat, data, models, recipes
+    from utils import chat, data, models, recipes, timing
+    from utils.memory import ModelShape
 
-    profile = _profile(tiny_dir, sft_steps=steps)
+    profile = _profile(tiny_dir, sft_steps=steps, compute_dtype=compute_dtype)
     torch.manual_seed(profile.seed)
     tokenizer = chat.setup_tokenizer(models.load_tokenizer(profile), profile.max_length)
     train, evaluation = recipes.sft_datasets(profile, tokenizer, data.load_sft_dataset(profile.sft_data,
@@ -103,10 +104,16 @@ def run_sft(arm: str, steps: int, tiny_dir: str | None, out: str) -> dict:
     config = make_config(profile, out, **quiet)
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer)
-    return _train_and_measure(trainer, config)
+    result = _train_and_measure(trainer, config, profile.compute_dtype)
+    # how close a step comes to this machine's matmul speed in the same precision (measured in this process)
+    flops = timing.training_flops_per_token(ModelShape.from_config(model.config))
+    matmul = timing.matmul_gflops(getattr(torch, profile.compute_dtype))
+    achieved = result["real_tokens_per_s"] * flops / 1e9
+    return {**result, "flops_per_token": flops, "achieved_gflops": achieved, "matmul_gflops": matmul,
+            "share_of_matmul": achieved / matmul, "step_seconds": result["seconds"] / result["steps"]}
 
 
-def run_dpo(arm: str, steps: int, tiny_dir: str | None, out: str) -> dict:
+def run_dpo(arm: str, steps: int, tiny_dir: str | None, out: str, compute_dtype: str = "auto") -> dict:
     """Train one DPO arm from the base model (speed, not quality): the reference recomputed or precomputed."""
     import torch
     from trl import DPOTrainer
@@ -114,7 +121,8 @@ def run_dpo(arm: str, steps: int, tiny_dir: str | None, out: str) -> dict:
     from utils import chat, data, models, recipes
 
     batch = _profile(tiny_dir).dpo_batch_size
-    profile = _profile(tiny_dir, dpo_steps=steps, pref_train_rows=steps * batch)  # one pass over the pairs
+    profile = _profile(tiny_dir, dpo_steps=steps, pref_train_rows=steps * batch,  # one pass over the pairs
+                       compute_dtype=compute_dtype)
     torch.manual_seed(profile.seed)
     tokenizer = chat.setup_tokenizer(models.load_tokenizer(profile), profile.max_length)
     train, evaluation = recipes.dpo_datasets(profile, data.load_preference_dataset(
@@ -126,10 +134,10 @@ def run_dpo(arm: str, steps: int, tiny_dir: str | None, out: str) -> dict:
                          eval_dataset=evaluation, processing_class=tokenizer,
                          peft_config=recipes.dpo_lora_config(profile))
     models.guard_cpu_4bit(trainer.model)
-    return _train_and_measure(trainer, config, setup_started=start)
+    return _train_and_measure(trainer, config, profile.compute_dtype, setup_started=start)
 
 
-def _train_and_measure(trainer, config, setup_started: float | None = None) -> dict:
+def _train_and_measure(trainer, config, compute_dtype: str, setup_started: float | None = None) -> dict:
     """Run trainer.train() with counted tokens and sampled memory, then one evaluation."""
     counter = TokenCounter(trainer.data_collator)
     trainer.data_collator = counter
@@ -142,14 +150,17 @@ def _train_and_measure(trainer, config, setup_started: float | None = None) -> d
     return {"steps": trainer.state.global_step, "seconds": seconds, "real_tokens": real, "token_slots": total,
             "real_tokens_per_s": real / seconds, "padding_share": 1 - real / total, "peak_rss_gib": rss.peak / 2**30,
             "eval_loss": loss, "gradient_checkpointing": config.gradient_checkpointing, "bf16": config.bf16,
+            "compute_dtype": compute_dtype,
             "padding_free": getattr(config, "padding_free", False)}
 
 
-def run_isolated(arm: str, steps: int, tiny_dir: str | None) -> dict:
-    """Run one arm in a fresh Python process (so peaks don't mix); returns its figures."""
-    cmd = [sys.executable, __file__, "--worker", arm, "--steps", str(steps)] + (["--tiny-dir", tiny_dir] if tiny_dir
-                                                                                  else [])
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
+def run_isolated(arm: str, steps: int, tiny_dir: str | None, compute_dtype: str = "auto",
+                 extra_env: dict | None = None) -> dict:
+    """Run one arm in a fresh Python process (so peaks don't mix), with extra_env set there; returns its figures."""
+    cmd = [sys.executable, __file__, "--worker", arm, "--steps", str(steps), "--compute-dtype", compute_dtype]
+    cmd += ["--tiny-dir", tiny_dir] if tiny_dir else []
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1",
+           **(extra_env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"Benchmark arm {arm} failed:\n{proc.stderr[-4000:]}")
@@ -186,12 +197,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--tiny-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--compute-dtype", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true", help="a tiny random Gemma: checks the code, not the speed")
     args = parser.parse_args()
     if args.worker:
         with tempfile.TemporaryDirectory() as out:
             run = run_sft if args.worker.startswith("sft") else run_dpo
-            print(json.dumps(run(args.worker, args.steps, args.tiny_dir, out)))
+            print(json.dumps(run(args.worker, args.steps, args.tiny_dir, out, args.compute_dtype)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         tiny_dir = None

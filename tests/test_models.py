@@ -24,11 +24,12 @@ def _save_tiny(tmp_path, hidden: int = 64) -> str:
     return str(path)
 
 
-def _qlora_steps(path: str, eval_first: bool, guard: bool, steps: int = 8) -> tuple[float, float]:
-    """(loss before, loss after) of a few QLoRA steps on one fixed batch, optionally after an eval forward."""
+def _qlora_steps(path: str, eval_first: bool, guard: bool, dtype: str, steps: int = 8) -> tuple[float, float]:
+    """(loss before, loss after) of QLoRA steps computing in dtype on one fixed batch, optionally after an eval."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=models.quantization_config(PROFILE),
-                                                 dtype=torch.bfloat16)
+    profile = get_profile("cpu", compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=models.quantization_config(profile),
+                                                 dtype=models.compute_dtype(profile))
     if not guard:
         import bitsandbytes as bnb
 
@@ -66,25 +67,27 @@ def test_guard_marks_every_4bit_layer(tmp_path):
     assert not any(layer.support_avx512bf16_for_cpu for layer in layers)
 
 
-def test_qlora_trains_as_well_after_an_eval(tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])  # the two precisions the cpu profile may pick
+def test_qlora_trains_as_well_after_an_eval(tmp_path, dtype):
     """The CPU trap of FACTS.md: with the guard, an eval before training changes nothing."""
     path = _save_tiny(tmp_path)
-    clean = _qlora_steps(path, eval_first=False, guard=True)
-    after_eval = _qlora_steps(path, eval_first=True, guard=True)
+    clean = _qlora_steps(path, eval_first=False, guard=True, dtype=dtype)
+    after_eval = _qlora_steps(path, eval_first=True, guard=True, dtype=dtype)
     drop_clean, drop_after_eval = clean[0] - clean[1], after_eval[0] - after_eval[1]
     assert drop_clean > 0.5
     assert drop_after_eval == pytest.approx(drop_clean, rel=0.05)
 
 
-def test_without_the_guard_an_eval_breaks_training(tmp_path):
-    """Control: on AVX512-BF16 CPUs the unguarded model trains differently after an eval."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_without_the_guard_an_eval_breaks_training(tmp_path, dtype):
+    """Control: on AVX512-BF16 CPUs the unguarded model trains differently after an eval, in either precision."""
     from bitsandbytes.backends.cpu.ops import has_avx512bf16
 
     if not has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16, so bitsandbytes never repacks and there is no trap to show")
     path = _save_tiny(tmp_path)
-    clean = _qlora_steps(path, eval_first=False, guard=True)
-    broken = _qlora_steps(path, eval_first=True, guard=False)
+    clean = _qlora_steps(path, eval_first=False, guard=True, dtype=dtype)
+    broken = _qlora_steps(path, eval_first=True, guard=False, dtype=dtype)
     assert abs((broken[0] - broken[1]) - (clean[0] - clean[1])) > 0.05 * (clean[0] - clean[1])
 
 

@@ -31,12 +31,16 @@ def test_unknown_notebook_number_exits_2():
     assert result.returncode == 2 and "07" in result.stderr
 
 
-def test_check_reports_machine_and_auto_profile():
-    result = _cli("--check")
+@pytest.mark.slow
+def test_check_reports_machine_precision_and_a_timed_forecast():
+    result = subprocess.run([sys.executable, "-m", "utils.run", "--check", "--profile", "cpu"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
-    assert info["auto_profile"] in ("cpu", "rtx4090")
-    assert info["ram_gib"] > 0 and info["estimated_training_gib"] > 0 and info["expected_minutes"] > 0
+    assert info["auto_profile"] in ("cpu", "rtx4090") and info["profile"] == "cpu"
+    assert info["ram_gib"] > 0 and info["estimated_training_gib"] > 0
+    assert info["compute_dtype"] in ("bfloat16", "float32") and info["compute_dtype_reason"].startswith("auto:")
+    assert info["sft_step_seconds"] > 0 and info["predicted_course_minutes"] > info["sft_step_seconds"] / 60
 
 
 def _notebook(path: Path, code: str) -> None:

@@ -21,7 +21,7 @@ TRAINED = re.compile(r"^\[rank (\d)/(\d)\] trained (\d+) steps, losses \[(.*)\],
 WROTE = re.compile(r"^\[rank (\d)/(\d)\] wrote adapter", re.M)
 # max_length 96 keeps 22 of the first 32 shipped conversations; at 64 the scripts' length check refuses (22 dropped)
 TINY = ["--max_length", "96", "--batch_size", "2", "--sft_train_rows", "32", "--sft_eval_rows", "4",
-        "--sft_steps", "4", "--sft_lr", "1e-2", "--dpo_steps", "2", "--dpo_batch_size", "2", "--pref_train_rows", "8",
+        "--sft_steps", "4", "--sft_lr", "1e-2", "--dpo_steps", "4", "--dpo_batch_size", "2", "--pref_train_rows", "4",
         "--pref_eval_rows", "2", "--dpo_lr", "1e-2", "--save_steps", "100"]
 
 
@@ -36,8 +36,11 @@ def launch(script: str, model_dir: Path, out_dir: Path) -> str:
     return run.stdout
 
 
-def check_both_ranks_trained(stdout: str, steps: int) -> None:
-    """Each of the 2 ranks trained `steps` steps in step with the other (same gathered losses); the loss fell."""
+def check_both_ranks_trained(stdout: str, steps: int, held_out_falls: bool = True) -> list[float]:
+    """Each of the 2 ranks trained `steps` steps in step with the other (same gathered losses); returns the losses.
+
+    held_out_falls: the held-out loss must fall (SFT at lr 1e-2 learns the tokens' frequencies: a large, sure drop).
+    """
     runs = {int(m[0]): m for m in TRAINED.findall(stdout)}
     assert sorted(runs) == [0, 1] and all(m[1] == "2" for m in runs.values()), f"not 2 ranks of 2:\n{stdout}"
     assert {int(m[2]) for m in runs.values()} == {steps}, f"ranks trained different step counts:\n{stdout}"
@@ -45,8 +48,10 @@ def check_both_ranks_trained(stdout: str, steps: int) -> None:
     losses = [float(x) for x in runs[0][3].split(",")]
     before, after = float(runs[0][4]), float(runs[0][5])
     assert all(math.isfinite(x) for x in [*losses, before, after])
-    assert after < before, f"held-out loss did not fall: {before} -> {after}"
+    if held_out_falls:
+        assert after < before, f"held-out loss did not fall: {before} -> {after}"
     assert WROTE.findall(stdout) == [("0", "2")], "exactly one process, rank 0, must write the outputs"
+    return losses
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +77,11 @@ def test_sft_trains_on_both_ranks_and_saves_one_adapter(sft_run):
 def test_dpo_reads_the_sft_manifest_and_trains_on_both_ranks(sft_run):
     model_dir, out_dir, _ = sft_run
     stdout = launch("dpo.py", model_dir, out_dir)
-    check_both_ranks_trained(stdout, steps=2)
+    # 4 pairs, 2 per rank: every step trains on the same 4 pairs, so their loss must fall from ln 2 (policy = reference
+    # before the first update). Two held-out pairs after a few steps of a random model can go either way: not asserted.
+    losses = check_both_ranks_trained(stdout, steps=4, held_out_falls=False)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-3)
+    assert losses[-1] < losses[0] - 0.05, f"DPO did not learn the pairs it trained on: {losses}"
     assert (out_dir / "dpo" / "adapter" / "adapter_model.safetensors").is_file()
     assert (out_dir / "dpo" / "merged" / "model.safetensors").is_file()
     assert (out_dir / "dpo" / "manifest.json").is_file()

@@ -80,5 +80,6 @@ def start(description: str) -> tuple[Profile, PartialState, Path]:
     out_dir = output_dir(profile, override)
     torch.manual_seed(profile.seed)
     distributed.log(f"profile {profile.name}, model {profile.model_id}, writing to {out_dir}")
+    distributed.log(f"computing in {profile.compute_dtype} ({profile.compute_dtype_reason})")
     tracking.start(profile, out_dir)
     return profile, state, out_dir

@@ -76,6 +76,11 @@ class ModelShape:
         linear = sum(n_in * n_out for n_in, n_out in _linear_dims(shape).values())
         return replace(shape, n_params=shape.n_embed_params + shape.n_layers * (linear + norms) + hidden)
 
+    @property
+    def matmul_params(self) -> int:
+        """Weights that every token is multiplied through: all decoder linear layers and the tied LM head."""
+        return self.n_layers * sum(n_in * n_out for n_in, n_out in _linear_dims(self).values()) + self.n_embed_params
+
 
 def shape_for(name: str) -> ModelShape:
     """The shape of a preset model: gemma-3-270m, gemma-2b, gemma-7b, or generic-7b (the 7e9 rule of thumb)."""

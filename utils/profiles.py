@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from utils.errors import CourseError
+from utils.precision import choose_compute_dtype
 
 EMBEDDED_MODEL_ID = "embedded:google/gemma-3-270m"
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -48,7 +49,7 @@ class Profile:
     save_steps: int
     report_to: str
     seed: int
-    torch_threads: int | None
+    compute_dtype_reason: str = ""  # filled by get_profile: how compute_dtype was chosen
 
 
 PROFILES: dict[str, Profile] = {
@@ -56,7 +57,7 @@ PROFILES: dict[str, Profile] = {
         name="cpu",
         model_id=EMBEDDED_MODEL_ID,
         load_in_4bit=True,
-        compute_dtype="bfloat16",
+        compute_dtype="auto",  # bf16 where the CPU computes it natively (AVX512-BF16, AMX), else fp32
         max_length=256,
         sft_data=str(DATA_DIR / "ultrachat_mini"),
         pref_data=str(DATA_DIR / "ultrafeedback_mini"),
@@ -85,7 +86,6 @@ PROFILES: dict[str, Profile] = {
         save_steps=5,
         report_to="none",  # minutes-long runs, and CI: the printed logs are enough
         seed=42,
-        torch_threads=None,
     ),
     "rtx4090": Profile(
         name="rtx4090",
@@ -120,7 +120,6 @@ PROFILES: dict[str, Profile] = {
         save_steps=100,
         report_to="trackio",  # hours-long runs: a live local dashboard (utils/tracking.py)
         seed=42,
-        torch_threads=None,
     ),
 }
 
@@ -148,14 +147,19 @@ def resolve_name(name: str) -> str:
 
 
 def get_profile(name: str = "auto", **overrides) -> Profile:
-    """Return the named profile (auto resolved) with the non-None overrides applied."""
-    known = {f.name for f in fields(Profile)} - {"name"}
+    """Return the named profile (auto resolved) with the non-None overrides applied and compute_dtype resolved."""
+    known = {f.name for f in fields(Profile)} - {"name", "compute_dtype_reason"}
     if bad := set(overrides) - known:
         raise CourseError(
             f"Unknown profile field(s) {sorted(bad)}. Known fields: {', '.join(sorted(known))}. "
             "Check the spelling of the parameter you passed."
         )
-    return replace(PROFILES[resolve_name(name)], **{k: v for k, v in overrides.items() if v is not None})
+    profile = replace(PROFILES[resolve_name(name)], **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        dtype, reason = choose_compute_dtype(profile.compute_dtype)
+    except ValueError as err:
+        raise CourseError(str(err)) from err
+    return replace(profile, compute_dtype=dtype, compute_dtype_reason=reason)
 
 
 def check_parameters(namespace: dict, known: list[str]) -> None:

@@ -19,8 +19,6 @@ from utils.report import load_metrics
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 INCOMPLETE = "RUN_INCOMPLETE"
-# wall minutes of the whole course measured per profile (see README), for --check
-EXPECTED_MINUTES = {"cpu": 13, "rtx4090": 150}
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
@@ -102,23 +100,36 @@ def run_course(profile_name: str, output_dir: Path, only: list[str] | None = Non
     return 0
 
 
-def check_machine() -> dict:
-    """What this machine has, which profile auto picks, and that profile's expected time and memory."""
+def check_machine(profile_name: str) -> dict:
+    """What this machine has, the profile's precision and why, and a forecast of the course's time and memory.
+
+    On the cpu profile the forecast comes from one timed SFT step of the course's set-up (about a minute).
+    """
     import psutil
+    import torch
 
-    from utils import memory
+    from utils import memory, precision, timing
 
-    name = resolve_name("auto")
-    profile = get_profile(name)
-    estimate = memory.estimate_profile(profile)
-    return {
+    profile = get_profile(profile_name)
+    info = {
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "disk_free_gib": round(shutil.disk_usage(ROOT).free / 2**30, 1),
         "gpu_gib": None if gpu_memory_gib() is None else round(gpu_memory_gib(), 1),
-        "auto_profile": name,
-        "expected_minutes": EXPECTED_MINUTES[name],
-        "estimated_training_gib": round(estimate.total / 2**30, 1),
+        "auto_profile": resolve_name("auto"),
+        "profile": profile.name,
+        "compute_dtype": profile.compute_dtype,
+        "compute_dtype_reason": profile.compute_dtype_reason,
+        "matmul_gflops": {name: round(timing.matmul_gflops(getattr(torch, name)), 1) for name in precision.DTYPES},
+        "estimated_training_gib": round(memory.estimate_profile(profile).total / 2**30, 1),
     }
+    if profile.name in timing.COURSE_STEP_EQUIVALENTS:
+        print(f"Timing one SFT step of the {profile.name} profile in {profile.compute_dtype}...", file=sys.stderr)
+        step = timing.time_sft_step(profile)
+        info["sft_step_seconds"] = round(step, 1)
+        info["predicted_course_minutes"] = round(timing.predict_course_minutes(profile, step), 1)
+    else:
+        info["predicted_course_minutes"] = None  # no GPU run has been measured yet to fit a forecast
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         profile_name = resolve_name(args.profile)
         if args.check:
-            print(json.dumps(check_machine(), indent=2))
+            print(json.dumps(check_machine(profile_name), indent=2))
             return 0
         output_dir = (args.output_dir or ROOT / "outputs" / profile_name).resolve()
         only = [s.strip().zfill(2) for s in args.only.split(",")] if args.only else None

@@ -1,0 +1,76 @@
+"""How fast this machine runs the course: a matmul micro-benchmark, one timed SFT step, a course-time forecast."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from utils import chat, data, models, recipes
+from utils.memory import ModelShape
+from utils.profiles import Profile
+
+# The cpu course (`make tutorial`) costs about this many of the probe's SFT steps plus a fixed part (kernel starts,
+# loading, merging), fitted to runs measured on two processor kinds: see README, "Measured on the 2-core CPU machine".
+COURSE_STEP_EQUIVALENTS = {"cpu": 48.0}
+COURSE_FIXED_SECONDS = {"cpu": 120.0}
+
+
+def matmul_gflops(dtype: torch.dtype, m: int = 512, k: int = 640, n: int = 2048, seconds: float = 0.3) -> float:
+    """GFLOP/s of an (m x k) @ (k x n) matmul in dtype on this CPU (the Gemma 3 270M MLP's shape by default)."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    a @ b  # warm-up: kernel selection, caches
+    runs, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or runs < 2:
+        a @ b
+        runs += 1
+    return 2 * m * k * n * runs / elapsed / 1e9
+
+
+def training_flops_per_token(shape: ModelShape) -> float:
+    """FLOPs of one LoRA training step per token: 6 x the matmul weights (forward 2, backward 2, and the forward again
+    under gradient checkpointing in place of the frozen weights' gradients); attention over ~100-token rows adds ~1%."""
+    return 6.0 * shape.matmul_params
+
+
+class _StepTimer(TrainerCallback):
+    """Wall seconds of every optimizer step."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def time_sft_step(profile: Profile, steps: int = 2) -> float:
+    """Seconds of one SFT step of the course's set-up on this machine: the last of `steps` (the first warms up)."""
+    from trl import SFTTrainer
+
+    tokenizer = chat.setup_tokenizer(models.load_tokenizer(profile), profile.max_length)
+    train, _ = recipes.sft_datasets(profile, tokenizer, data.load_sft_dataset(
+        profile.sft_data, max_rows=steps * profile.batch_size * profile.grad_accum))
+    model = models.add_lora(models.load_base_model(profile), models.lora_config(profile, tokenizer),
+                            gradient_checkpointing=profile.gradient_checkpointing)
+    timer = _StepTimer()
+    with tempfile.TemporaryDirectory() as out:
+        config = recipes.sft_config(profile, out, max_steps=steps, save_strategy="no", eval_strategy="no",
+                                    disable_tqdm=True)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer,
+                             callbacks=[timer])
+        trainer.remove_callback(PrinterCallback)  # keep stdout for the caller's report
+        trainer.train()
+    return timer.seconds[-1]
+
+
+def predict_course_minutes(profile: Profile, step_seconds: float) -> float | None:
+    """The whole course's wall minutes on this machine from one SFT step's seconds (None: no fit for this profile)."""
+    if profile.name not in COURSE_STEP_EQUIVALENTS:
+        return None
+    return (COURSE_FIXED_SECONDS[profile.name] + COURSE_STEP_EQUIVALENTS[profile.name] * step_seconds) / 60
