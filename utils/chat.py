@@ -50,6 +50,7 @@ ZEPHYR_TEMPLATE = (
 
 ROLES = ("system", "user", "assistant")
 END_OF_TURN = "<end_of_turn>"
+TURN_TOKENS = ("<start_of_turn>", END_OF_TURN)
 
 
 def validate_messages(messages: list[dict]) -> None:
@@ -139,6 +140,11 @@ class MaskView:
 
     def __repr__(self) -> str:
         return "[[token:id]] = trained on, token:id = context only\n" + self.text
+
+
+def turn_token_ids(tokenizer) -> list[int]:
+    """Ids of <start_of_turn> and <end_of_turn>, the tokens a base model never learned."""
+    return tokenizer.convert_tokens_to_ids(list(TURN_TOKENS))
 
 
 def stop_token_ids(tokenizer) -> list[int]:

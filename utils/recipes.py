@@ -1,4 +1,7 @@
-"""The course's training recipes: TRL configs built from a profile, shared by notebooks, scripts and benchmarks."""
+"""The course's training recipes: a profile turned into the bitsandbytes, PEFT and TRL configs that train it.
+
+Shared by scripts and benchmarks; notebooks 02 and 04 write the same configs out by hand, and a test checks they agree.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,37 @@ from pathlib import Path
 import torch
 from datasets import Dataset, DatasetDict
 from peft import LoraConfig
+from transformers import BitsAndBytesConfig
 from trl import DPOConfig, SFTConfig
 
-from utils import data
-from utils.models import use_bf16_autocast
+from utils import chat, data, report
 from utils.profiles import Profile
+
+LOCATION = {"output_dir", "logging_dir"}  # where a run writes, not how it trains: not compared
+
+
+def use_bf16_autocast(profile: Profile) -> bool:
+    """Whether the trainer should compute in bf16 autocast (bf16 profiles on Ampere+ GPUs or CPUs)."""
+    if profile.compute_dtype != "bfloat16":
+        return False
+    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+
+
+def quantization_config(profile: Profile) -> BitsAndBytesConfig:
+    """QLoRA's 4-bit storage: NF4 with double quantization, computing (and packed) in the profile's dtype."""
+    dtype = getattr(torch, profile.compute_dtype)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+
+
+def lora_config(profile: Profile, tokenizer) -> LoraConfig:
+    """SFT's LoRA on every linear layer; with train_turn_tokens also the turn-token embedding rows."""
+    extra = {}
+    if profile.train_turn_tokens:
+        extra = {"trainable_token_indices": {"embed_tokens": chat.turn_token_ids(tokenizer)},
+                 "ensure_weight_tying": True}
+    return LoraConfig(r=profile.lora_r, lora_alpha=profile.lora_alpha, lora_dropout=profile.lora_dropout,
+                      target_modules="all-linear", task_type="CAUSAL_LM", **extra)
 
 
 def _common(profile: Profile, output_dir: str | Path) -> dict:
@@ -103,3 +132,26 @@ def changed_from_defaults(config: SFTConfig | DPOConfig) -> dict:
     skip = {"output_dir", "logging_dir", "use_cpu", "report_to"}
     return {f.name: getattr(config, f.name) for f in fields(config)
             if f.name not in skip and getattr(config, f.name) != getattr(default, f.name)}
+
+
+def sft_recipe(profile: Profile, tokenizer, output_dir: str | Path) -> dict:
+    """Everything SFT is configured with: {"quantization": BitsAndBytesConfig, "lora": LoraConfig, "sft": SFTConfig}."""
+    return {"quantization": quantization_config(profile), "lora": lora_config(profile, tokenizer),
+            "sft": sft_config(profile, output_dir)}
+
+
+def dpo_recipe(profile: Profile, output_dir: str | Path) -> dict:
+    """Everything DPO is configured with: {"lora": LoraConfig, "dpo": DPOConfig}."""
+    return {"lora": dpo_lora_config(profile), "dpo": dpo_config(profile, output_dir)}
+
+
+def differences(recorded: dict[str, dict], recipe: dict) -> list[str]:
+    """"name.field: recorded != recipe" for every argument where recorded configs (a manifest's) and a recipe differ."""
+    expected = {name: report.config_as_dict(config) for name, config in recipe.items()}
+    found = []
+    for name in sorted(set(recorded) | set(expected)):
+        mine, theirs = recorded.get(name, {}), expected.get(name, {})
+        for key in sorted((set(mine) | set(theirs)) - LOCATION):
+            if mine.get(key) != theirs.get(key):
+                found.append(f"{name}.{key}: {mine.get(key)!r} != {theirs.get(key)!r}")
+    return found
