@@ -44,16 +44,15 @@ def lora_config(profile: Profile, tokenizer) -> LoraConfig:
                       target_modules="all-linear", task_type="CAUSAL_LM", **extra)
 
 
-def _common(profile: Profile, output_dir: str | Path) -> dict:
-    """Trainer arguments that SFT and DPO share: batch shape, precision, checkpoints, seed."""
+def plumbing(profile: Profile, output_dir: str | Path, logging_steps: int, eval_steps: int | None) -> dict:
+    """Trainer arguments that are not the lesson: output folder, checkpoints, logging, evaluation, seed, device."""
     return {
         "output_dir": str(output_dir),
-        "gradient_accumulation_steps": profile.grad_accum,
-        "gradient_checkpointing": profile.gradient_checkpointing,
-        "lr_scheduler_type": "constant",
         "save_steps": profile.save_steps,
         "save_total_limit": 1,
-        "bf16": use_bf16_autocast(profile),
+        "logging_steps": logging_steps,
+        "eval_strategy": "steps" if eval_steps else "no",
+        "eval_steps": eval_steps,
         "use_cpu": not torch.cuda.is_available(),
         "report_to": "none",
         "seed": profile.seed,
@@ -67,17 +66,19 @@ def sft_config(profile: Profile, output_dir: str | Path, **overrides) -> SFTConf
     drop rows longer than max_length first (`data.drop_longer_than`).
     """
     args = {
-        **_common(profile, output_dir),
-        "max_length": None if profile.padding_free else profile.max_length,
-        "padding_free": profile.padding_free,
         "assistant_only_loss": True,
-        "per_device_train_batch_size": profile.batch_size,
-        "per_device_eval_batch_size": profile.batch_size,
         "max_steps": profile.sft_steps,
         "learning_rate": profile.sft_lr,
-        "logging_steps": max(1, profile.sft_steps // 10),
-        "eval_strategy": "steps",
-        "eval_steps": max(1, profile.sft_steps // 2),
+        "lr_scheduler_type": "constant",
+        "per_device_train_batch_size": profile.batch_size,
+        "per_device_eval_batch_size": profile.batch_size,
+        "gradient_accumulation_steps": profile.grad_accum,
+        "gradient_checkpointing": profile.gradient_checkpointing,
+        "padding_free": profile.padding_free,
+        "max_length": None if profile.padding_free else profile.max_length,
+        "bf16": use_bf16_autocast(profile),
+        **plumbing(profile, output_dir, logging_steps=max(1, profile.sft_steps // 10),
+                   eval_steps=max(1, profile.sft_steps // 2)),
     }
     return SFTConfig(**{**args, **overrides})
 
@@ -111,17 +112,19 @@ def dpo_config(profile: Profile, output_dir: str | Path, **overrides) -> DPOConf
     """DPOConfig for the profile: beta, optional SFT term (RPO), constant learning rate, explicit evaluations."""
     loss_type = ["sigmoid", "sft"] if profile.dpo_sft_weight > 0 else ["sigmoid"]
     args = {
-        **_common(profile, output_dir),
         "beta": profile.dpo_beta,
         "loss_type": loss_type,
         "loss_weights": [1.0, profile.dpo_sft_weight] if len(loss_type) == 2 else None,
         "learning_rate": profile.dpo_lr,
+        "lr_scheduler_type": "constant",
         "max_length": profile.max_length,
+        "max_steps": profile.dpo_steps,
         "per_device_train_batch_size": profile.dpo_batch_size,
         "per_device_eval_batch_size": profile.dpo_batch_size,
-        "max_steps": profile.dpo_steps,
-        "logging_steps": 1,
-        "eval_strategy": "no",
+        "gradient_accumulation_steps": profile.grad_accum,
+        "gradient_checkpointing": profile.gradient_checkpointing,
+        "bf16": use_bf16_autocast(profile),
+        **plumbing(profile, output_dir, logging_steps=1, eval_steps=None),  # the notebook evaluates explicitly
     }
     return DPOConfig(**{**args, **overrides})
 
