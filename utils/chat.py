@@ -110,7 +110,8 @@ def encode(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
 TEMPLATE_PARTS = {
     "start": "{{ bos_token }}",
     "user": "'<start_of_turn>user\\n' + (system + '\\n\\n' if first) + content | trim + '<end_of_turn>\\n'",
-    "assistant": "'<start_of_turn>model\\n' {% generation %} content | trim + '<end_of_turn>' {% endgeneration %} '\\n'",
+    "assistant": "'<start_of_turn>model\\n' {% generation %} content | trim + '<end_of_turn>' {% endgeneration %} "
+                 "'\\n'",
 }
 
 

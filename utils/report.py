@@ -68,6 +68,11 @@ def read_manifest(out_dir: str | Path, name: str, made_by: str) -> dict:
     return json.loads(path.read_text())
 
 
+def bench_results() -> dict:
+    """The committed `make bench` results (benchmarks/results/bench.json): machine, settings and measured arms."""
+    return json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "bench.json").read_text())
+
+
 def output_dir(profile_name: str, override: str | Path | None = None) -> Path:
     """Where a run writes: the override if given, else outputs/<profile> at the repository root."""
     root = Path(__file__).resolve().parent.parent
