@@ -42,7 +42,7 @@ def measure(name: str, batch: int, seq: int, steps: int) -> dict:
     import torch
     import transformers  # noqa: F401  (part of the baseline)
 
-    from utils import models
+    from utils import models, recipes
 
     method, token_rows = RUNS[name]
     profile = get_profile("cpu", train_turn_tokens=token_rows > 0)
@@ -50,7 +50,7 @@ def measure(name: str, batch: int, seq: int, steps: int) -> dict:
     baseline = _rss()
     model = models.load_base_model(profile, quantize=method == "qlora")
     if method != "full":
-        model = models.add_lora(model, models.lora_config(profile, tokenizer))
+        model = models.add_lora(model, recipes.lora_config(profile, tokenizer))
     after_load, load_peak = _rss(), _peak()
     torch.manual_seed(0)
     ids = torch.randint(0, len(tokenizer), (batch, seq))

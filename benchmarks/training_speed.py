@@ -97,7 +97,7 @@ def run_sft(arm: str, steps: int, tiny_dir: str | None, out: str, compute_dtype:
     tokenizer = chat.setup_tokenizer(models.load_tokenizer(profile), profile.max_length)
     train, evaluation = recipes.sft_datasets(profile, tokenizer, data.load_sft_dataset(profile.sft_data,
                                                                                        max_rows=profile.sft_train_rows))
-    model = models.add_lora(models.load_base_model(profile), models.lora_config(profile, tokenizer),
+    model = models.add_lora(models.load_base_model(profile), recipes.lora_config(profile, tokenizer),
                             gradient_checkpointing=profile.gradient_checkpointing)
     quiet = {"save_strategy": "no", "eval_strategy": "no", "logging_steps": 1, "disable_tqdm": True}
     make_config = recipes.sft_config if arm == "sft:course" else _trl_default_sft_config

@@ -12,7 +12,7 @@ logs.quiet()  # hide library warnings and loading bars
 
 from trl import DPOTrainer  # noqa: E402
 
-from utils import chat, cli, data, distributed, models, recipes, report  # noqa: E402
+from utils import chat, cli, data, distributed, models, recipes, report, resume  # noqa: E402
 
 
 def main() -> None:
@@ -30,18 +30,20 @@ def main() -> None:
         data.check_max_length(tokenizer, pairs, profile.max_length, split=split)
 
     model = models.load_base_model(profile, path=merged_dir)
-    config = recipes.dpo_config(profile, out_dir / "dpo" / "checkpoints")
+    recipe = recipes.dpo_recipe(profile, out_dir / "dpo" / "checkpoints")
+    configs = report.config_dicts(recipe)  # before PEFT rewrites the LoraConfig it is given
+    config = recipe["dpo"]
     trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=train_pairs, eval_dataset=eval_pairs,
-                         processing_class=tokenizer, peft_config=recipes.dpo_lora_config(profile))
+                         processing_class=tokenizer, peft_config=recipe["lora"])
     models.guard_cpu_4bit(trainer.model)
     distributed.log(models.describe_trainable(trainer.model))
 
     step0 = trainer.evaluate()
     with state.main_process_first():  # the main process removes checkpoints of another plan before the others look
-        resume = models.resume_point(config, {"profile": profile, "sft": sft})
-    trainer.train(resume_from_checkpoint=resume)
+        checkpoint = resume.resume_point_or_clear(config, {"profile": profile, "sft": sft})
+    trainer.train(resume_from_checkpoint=checkpoint)
     if state.is_main_process:
-        models.mark_finished(config)
+        resume.mark_finished(config)
     final = trainer.evaluate()
     losses = [round(entry["loss"], 4) for entry in trainer.state.log_history if "loss" in entry]
     distributed.log(f"trained {trainer.state.global_step} steps, losses {losses}, eval loss {step0['eval_loss']:.4f} "
@@ -58,14 +60,9 @@ def main() -> None:
         report.record(out_dir, "dpo/eval_accuracy", final["eval_rewards/accuracies"])
         report.record(out_dir, "dpo/eval_margin", final["eval_rewards/margins"])
         report.record(out_dir, "dpo/eval_logps_chosen_change", final["eval_logps/chosen"] - step0["eval_logps/chosen"])
-        report.write_manifest(out_dir, "dpo", {
-            "profile": profile.name,
-            "sft_manifest": str(out_dir / "sft" / "manifest.json"),
-            "adapter_dir": str(adapter_dir),
-            "merged_dir": str(dpo_merged_dir),
-            "beta": profile.dpo_beta,
-            "steps": trainer.state.global_step,
-        })
+        report.write_manifest(out_dir, "dpo", profile, configs, sft_manifest=str(out_dir / "sft" / "manifest.json"),
+                              adapter_dir=str(adapter_dir), merged_dir=str(dpo_merged_dir),
+                              steps=trainer.state.global_step)
         distributed.log(f"wrote adapter {adapter_dir}, {dpo_merged_dir} and {out_dir / 'dpo' / 'manifest.json'}")
     state.wait_for_everyone()
 

@@ -12,7 +12,7 @@ logs.quiet()  # hide library warnings and loading bars
 
 from trl import SFTTrainer  # noqa: E402
 
-from utils import chat, cli, data, distributed, models, recipes, report  # noqa: E402
+from utils import chat, cli, data, distributed, models, recipes, report, resume  # noqa: E402
 
 
 def main() -> None:
@@ -24,10 +24,11 @@ def main() -> None:
         data.check_max_length(tokenizer, sft_data[split], profile.max_length, padding_free=profile.padding_free,
                               split=split)
     train_set, eval_set = recipes.sft_datasets(profile, tokenizer, sft_data)
-    model = models.load_base_model(profile)
-    model = models.add_lora(model, models.lora_config(profile, tokenizer),
-                            gradient_checkpointing=profile.gradient_checkpointing)
-    config = recipes.sft_config(profile, out_dir / "sft" / "checkpoints")
+    recipe = recipes.sft_recipe(profile, tokenizer, out_dir / "sft" / "checkpoints")
+    configs = report.config_dicts(recipe)  # before PEFT rewrites the LoraConfig it is given
+    model = models.load_base_model(profile, quantization_config=recipe["quantization"])
+    model = models.add_lora(model, recipe["lora"], gradient_checkpointing=profile.gradient_checkpointing)
+    config = recipe["sft"]
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_set, eval_dataset=eval_set,
                          processing_class=tokenizer)
     effective = profile.batch_size * profile.grad_accum * state.num_processes
@@ -36,10 +37,10 @@ def main() -> None:
 
     loss_before = trainer.evaluate()["eval_loss"]
     with state.main_process_first():  # the main process removes checkpoints of another plan before the others look
-        resume = models.resume_point(config, {"profile": profile})
-    trainer.train(resume_from_checkpoint=resume)
+        checkpoint = resume.resume_point_or_clear(config, {"profile": profile})
+    trainer.train(resume_from_checkpoint=checkpoint)
     if state.is_main_process:
-        models.mark_finished(config)
+        resume.mark_finished(config)
     loss_after = trainer.evaluate()["eval_loss"]
     losses = [round(entry["loss"], 4) for entry in trainer.state.log_history if "loss" in entry]
     distributed.log(f"trained {trainer.state.global_step} steps, losses {losses}, "
@@ -52,14 +53,9 @@ def main() -> None:
         report.record(out_dir, "sft/eval_loss_before", loss_before)
         report.record(out_dir, "sft/eval_loss_after", loss_after)
         report.record(out_dir, "sft/eval_loss_drop", (loss_before - loss_after) / loss_before)
-        report.write_manifest(out_dir, "sft", {
-            "profile": profile.name,
-            "base_model": profile.model_id,
-            "data": profile.sft_data,
-            "adapter_dir": str(adapter_dir),
-            "steps": trainer.state.global_step,
-            "metrics": {k: v for k, v in report.load_metrics(out_dir).items() if k.startswith(("sft/", "base/"))},
-        })
+        report.write_manifest(
+            out_dir, "sft", profile, configs, adapter_dir=str(adapter_dir), steps=trainer.state.global_step,
+            metrics={k: v for k, v in report.load_metrics(out_dir).items() if k.startswith(("sft/", "base/"))})
         distributed.log(f"wrote adapter {adapter_dir} and {out_dir / 'sft' / 'manifest.json'}")
     state.wait_for_everyone()
 

@@ -137,3 +137,13 @@ def test_describe_reply_splits_at_end_of_turn(tokenizer):
     assert runaway["stop"] == "(token limit)" and not runaway["ends_turn"]
     unused = chat.describe_reply(tokenizer, "q", [tokenizer.convert_tokens_to_ids("<unused67>")])
     assert not unused["ends_turn"]
+
+
+def test_render_steps_split_the_rendering_into_template_parts(tokenizer):
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                    {"role": "assistant", "content": "Paris."}]
+    rows = chat.render_steps(tokenizer, conversation)
+    assert [r["part"] for r in rows] == ["start", "user", "assistant"]
+    assert "".join(r["renders"] for r in rows) == chat.render(tokenizer, conversation)
+    assert "Be brief." in rows[1]["renders"] and rows[1]["inside {% generation %}"] == ""
+    assert rows[2]["inside {% generation %}"] == "Paris.<end_of_turn>"  # the reply and its end, not the header

@@ -107,3 +107,16 @@ def test_counts_match_a_real_tiny_gemma():
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert memory.lora_params(shape, 4) == trainable
+
+
+def test_a_profile_takes_its_shape_from_its_preset_or_its_model_config(tmp_path):
+    assert memory.shape_for_profile(get_profile("cpu")) == shape_for("gemma-3-270m")
+    assert memory.shape_for_profile(get_profile("rtx4090")) == shape_for("gemma-7b")
+    two_b = get_profile("rtx4090", model_id="google/gemma-2b", model_shape="gemma-2b")
+    assert memory.estimate_profile(two_b).total < memory.estimate_profile(get_profile("rtx4090")).total
+    config = Gemma3TextConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64, vocab_size=1000,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    config.save_pretrained(tmp_path)
+    other = get_profile("rtx4090", model_id=str(tmp_path))  # another model: its own config, not Gemma 7B's preset
+    assert other.model_shape is None
+    assert memory.shape_for_profile(other) == ModelShape.from_config(config)

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, Gemma3ForCausalLM
 
-from utils import chat, evaluate, models
+from utils import chat, evaluate, models, recipes
 from utils.models import tiny_gemma_config
 from utils.profiles import get_profile
 
@@ -28,7 +28,7 @@ def _qlora_steps(path: str, eval_first: bool, guard: bool, dtype: str, steps: in
     """(loss before, loss after) of QLoRA steps computing in dtype on one fixed batch, optionally after an eval."""
     torch.manual_seed(0)
     profile = get_profile("cpu", compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=models.quantization_config(profile),
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=recipes.quantization_config(profile),
                                                  dtype=models.compute_dtype(profile))
     if not guard:
         import bitsandbytes as bnb
@@ -57,7 +57,7 @@ def _qlora_steps(path: str, eval_first: bool, guard: bool, dtype: str, steps: in
 
 
 def test_guard_marks_every_4bit_layer(tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(_save_tiny(tmp_path), quantization_config=models.quantization_config(
+    model = AutoModelForCausalLM.from_pretrained(_save_tiny(tmp_path), quantization_config=recipes.quantization_config(
         PROFILE), dtype=torch.bfloat16)
     import bitsandbytes as bnb
 
@@ -92,7 +92,7 @@ def test_without_the_guard_an_eval_breaks_training(tmp_path, dtype):
 
 
 def test_lora_config_trains_turn_rows_and_fixes_the_head(tokenizer, tiny_model):
-    config = models.lora_config(PROFILE, tokenizer)
+    config = recipes.lora_config(PROFILE, tokenizer)
     assert config.trainable_token_indices == {"embed_tokens": [105, 106]}
     model = models.add_lora(tiny_model, config)
     assert model.get_output_embeddings().bias is None  # TRL's fused head reads .bias
@@ -165,39 +165,3 @@ def test_dpo_trainer_step0_is_ln2_with_peft_config_and_no_ref_model(tmp_path, to
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert abs(metrics["eval_rewards/chosen"]) < 1e-4 and abs(metrics["eval_rewards/rejected"]) < 1e-4
-
-
-def test_last_checkpoint_finds_the_newest(tmp_path):
-    assert models.last_checkpoint(tmp_path / "missing") is None
-    for step in (5, 10):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    assert models.last_checkpoint(tmp_path).endswith("checkpoint-10")
-    (tmp_path / "checkpoint-15").mkdir()  # killed while saving: no trainer_state.json yet
-    assert models.last_checkpoint(tmp_path).endswith("checkpoint-10")
-
-
-def test_resume_point_resumes_only_an_unfinished_run_of_the_same_plan(tmp_path, capsys):
-    from trl import SFTConfig
-
-    def config(**kw):
-        return SFTConfig(output_dir=str(tmp_path / "run"), max_steps=20, use_cpu=True, **{"learning_rate": 1e-4, **kw})
-
-    def checkpoint(step):
-        (tmp_path / "run" / f"checkpoint-{step}").mkdir()
-        (tmp_path / "run" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-
-    inputs = {"sft_model": "a"}
-    assert models.resume_point(config(), inputs) is None  # a fresh run: plan written
-    checkpoint(5)
-    assert models.resume_point(config(), inputs).endswith("checkpoint-5")  # interrupted: resume
-    assert models.resume_point(config(learning_rate=5e-5), inputs) is None  # other settings: start over
-    assert not (tmp_path / "run" / "checkpoint-5").exists()
-    checkpoint(5)
-    assert models.resume_point(config(learning_rate=5e-5), {"sft_model": "b"}) is None  # other inputs
-    checkpoint(5)
-    models.mark_finished(config(learning_rate=5e-5))
-    assert models.resume_point(config(learning_rate=5e-5), {"sft_model": "b"}) is None  # finished: train afresh
-    assert not (tmp_path / "run" / "checkpoint-5").exists()
-    out = capsys.readouterr().out
-    assert "Resuming from" in out and "other settings or inputs" in out and "a finished run" in out

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from utils import report, run
+from utils import models, recipes, report, run
+from utils.profiles import Profile
 
 pytestmark = pytest.mark.notebook
 
@@ -87,3 +88,14 @@ def test_04_saved_models(course):
     manifest = report.read_manifest(course, "dpo", made_by="notebook 04")
     assert (Path(manifest["merged_dir"]) / "model.safetensors").exists()
     assert (course / "plots" / "dpo_metrics.png").exists()
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_notebooks_train_with_the_scripts_recipe(course, stage):
+    """02 and 04 write their configs by hand; scripts/ build them with utils/recipes.py: they must agree."""
+    manifest = report.read_manifest(course, stage, made_by=f"notebook {'02' if stage == 'sft' else '04'}")
+    profile = Profile(**manifest["profile"])
+    out = course / stage / "checkpoints"
+    recipe = (recipes.sft_recipe(profile, models.load_tokenizer(profile), out) if stage == "sft"
+              else recipes.dpo_recipe(profile, out))
+    assert recipes.differences(manifest["configs"], recipe) == []

@@ -36,7 +36,10 @@ def test_memory_bars_stack_components():
     rows = [{"model": "gemma-7b", "method": m, "weights": w, "gradients": 0, "optimizer": 0, "lora": 0.1,
              "activations": 1.0} for m, w in (("full", 16.0), ("qlora", 5.0))]
     ax = plots.memory_bars(rows, budget_gib=24)
-    assert ax.get_yscale() == "log" and len(ax.patches) == 2 * 5
+    assert ax.get_yscale() == "linear", "on a log axis a segment's height no longer shows its share"
+    assert len(ax.patches) == 2 * 5
+    tops = [bar.get_y() + bar.get_height() for bar in ax.patches[-2:]]  # the last part sits on top of the stack
+    assert tops == [17.1, 6.1] and [t.get_text() for t in ax.texts] == ["17.1", "6.1"]
 
 
 def test_dpo_dashboard_has_four_panels_with_train_and_eval():

@@ -6,8 +6,8 @@ import pytest
 import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from utils import data, recipes
-from utils.profiles import get_profile
+from utils import data, recipes, report
+from utils.profiles import PROFILES, get_profile
 
 
 def test_sft_config_follows_the_profile(tmp_path):
@@ -21,6 +21,45 @@ def test_sft_config_follows_the_profile(tmp_path):
     padded = recipes.sft_config(get_profile("cpu", padding_free=False, max_length=512), tmp_path)
     assert not padded.padding_free and padded.max_length == 512
     assert recipes.sft_config(profile, tmp_path, max_steps=3).max_steps == 3
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_every_profile_builds_its_real_configs(tmp_path, tokenizer, name):
+    """The objects scripts and notebooks train with, rtx4090 included (no GPU needed to build them)."""
+    profile = get_profile(name)
+    sft, dpo = recipes.sft_recipe(profile, tokenizer, tmp_path), recipes.dpo_recipe(profile, tmp_path)
+    quant = sft["quantization"]
+    assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
+    assert quant.bnb_4bit_compute_dtype == getattr(torch, profile.compute_dtype) == quant.bnb_4bit_quant_storage
+    assert (sft["lora"].r, sft["lora"].lora_alpha, sft["lora"].target_modules) == (profile.lora_r, profile.lora_alpha,
+                                                                                    "all-linear")
+    assert sft["lora"].trainable_token_indices == {"embed_tokens": [105, 106]} and sft["lora"].ensure_weight_tying
+    assert dpo["lora"].trainable_token_indices is None and dpo["lora"].r == profile.lora_r
+    config = sft["sft"]
+    assert (config.max_steps, config.learning_rate, config.gradient_accumulation_steps) == (
+        profile.sft_steps, profile.sft_lr, profile.grad_accum)
+    assert config.assistant_only_loss and config.lr_scheduler_type == "constant"
+    assert config.padding_free == profile.padding_free and config.max_length == (
+        None if profile.padding_free else profile.max_length)
+    config = dpo["dpo"]
+    assert (config.beta, config.learning_rate, config.max_length, config.max_steps) == (
+        profile.dpo_beta, profile.dpo_lr, profile.max_length, profile.dpo_steps)
+    assert config.learning_rate != 1e-6 and config.lr_scheduler_type == "constant"  # not TRL's short-run defaults
+
+
+def test_differences_name_the_one_argument_that_differs(tmp_path, tokenizer):
+    """The check behind tests/test_notebooks.py: a notebook's recorded configs against the scripts' recipe."""
+    profile = get_profile("cpu")
+    recorded = report.config_dicts(recipes.sft_recipe(profile, tokenizer, tmp_path / "notebook"))
+    assert recipes.differences(recorded, recipes.sft_recipe(profile, tokenizer, tmp_path / "script")) == []
+    for changed, where in ((get_profile("cpu", sft_lr=3e-4), "sft.learning_rate: 0.0002 != 0.0003"),
+                           (get_profile("cpu", lora_alpha=8), "lora.lora_alpha: 32 != 8")):
+        assert recipes.differences(recorded, recipes.sft_recipe(changed, tokenizer, tmp_path)) == [where]
+    recorded["quantization"]["bnb_4bit_use_double_quant"] = False  # changed on the notebook's side only
+    assert recipes.differences(recorded, recipes.sft_recipe(profile, tokenizer, tmp_path)) == [
+        "quantization.bnb_4bit_use_double_quant: False != True"]
+    del recorded["lora"]
+    assert len(recipes.differences(recorded, recipes.sft_recipe(profile, tokenizer, tmp_path))) > 10
 
 
 def test_changed_from_defaults_lists_the_course_choices(tmp_path):

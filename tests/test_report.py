@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -18,9 +19,19 @@ def test_record_merges_metrics(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"a/x": 3.0, "b/y": 2.5}
 
 
-def test_manifest_round_trip(tmp_path):
-    report.write_manifest(tmp_path, "sft", {"adapter_dir": "x"})
-    assert report.read_manifest(tmp_path, "sft", made_by="notebook 02") == {"adapter_dir": "x"}
+def test_manifest_carries_the_whole_profile_and_the_configs(tmp_path):
+    from peft import LoraConfig
+
+    from utils.profiles import get_profile
+
+    profile = get_profile("cpu", sft_lr=3e-4)
+    configs = report.config_dicts({"lora": LoraConfig(r=4, target_modules=["q_proj", "v_proj"])})
+    report.write_manifest(tmp_path, "sft", profile, configs, adapter_dir="x")
+    manifest = report.read_manifest(tmp_path, "sft", made_by="notebook 02")
+    assert manifest["profile"] == dataclasses.asdict(profile) and manifest["profile"]["sft_lr"] == 3e-4
+    lora = manifest["configs"]["lora"]
+    assert lora["r"] == 4 and lora["target_modules"] == ["q_proj", "v_proj"]  # a set, stored sorted
+    assert manifest["adapter_dir"] == "x"
 
 
 def test_missing_manifest_says_which_notebook_to_run(tmp_path):

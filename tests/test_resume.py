@@ -1,4 +1,4 @@
-"""A training run killed part way resumes from its last checkpoint and finishes the same number of steps."""
+"""Run bookkeeping: the newest complete checkpoint, resuming only the same unfinished plan, a real kill-and-resume."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from utils import resume
+
 ROOT = Path(__file__).resolve().parent.parent
 
-# The same resume wiring as notebooks 02 and 04: trainer.train(resume_from_checkpoint=models.resume_point(...)).
+# The same resume wiring as notebooks 02 and 04: resume.resume_point_or_clear(...), then trainer.train(...).
 SCRIPT = r'''
 import sys, time, torch
 from transformers import TrainerCallback
@@ -21,7 +23,7 @@ from trl import SFTConfig, SFTTrainer
 from datasets import Dataset
 from utils.models import tiny_gemma_config
 from transformers import AutoTokenizer, Gemma3ForCausalLM
-from utils import chat, models
+from utils import chat, models, resume
 
 out = sys.argv[1]
 tokenizer = chat.setup_tokenizer(AutoTokenizer.from_pretrained(models.ensure_embedded_model()), 64)
@@ -40,12 +42,49 @@ config = SFTConfig(output_dir=out, max_steps=8, save_steps=2, per_device_train_b
                    logging_steps=1, disable_tqdm=True, save_only_model=False)
 trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                      callbacks=[Slow()])
-resume = models.resume_point(config, {"rows": len(rows)})
-print(f"RESUME {resume}", flush=True)
-trainer.train(resume_from_checkpoint=resume)
-models.mark_finished(config)
+checkpoint = resume.resume_point_or_clear(config, {"rows": len(rows)})
+print(f"RESUME {checkpoint}", flush=True)
+trainer.train(resume_from_checkpoint=checkpoint)
+resume.mark_finished(config)
 print(f"DONE {trainer.state.global_step}", flush=True)
 '''
+
+
+def test_last_checkpoint_finds_the_newest(tmp_path):
+    assert resume.last_checkpoint(tmp_path / "missing") is None
+    for step in (5, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert resume.last_checkpoint(tmp_path).endswith("checkpoint-10")
+    (tmp_path / "checkpoint-15").mkdir()  # killed while saving: no trainer_state.json yet
+    assert resume.last_checkpoint(tmp_path).endswith("checkpoint-10")
+
+
+def test_resume_point_or_clear_resumes_only_an_unfinished_run_of_the_same_plan(tmp_path, capsys):
+    from trl import SFTConfig
+
+    def config(**kw):
+        return SFTConfig(output_dir=str(tmp_path / "run"), max_steps=20, use_cpu=True, **{"learning_rate": 1e-4, **kw})
+
+    def checkpoint(step):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir()
+        (tmp_path / "run" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+
+    inputs = {"sft_model": "a"}
+    assert resume.resume_point_or_clear(config(), inputs) is None  # a fresh run: plan written
+    checkpoint(5)
+    assert resume.resume_point_or_clear(config(), inputs).endswith("checkpoint-5")  # interrupted: resume
+    assert resume.resume_point_or_clear(config(learning_rate=5e-5), inputs) is None  # other settings: start over
+    assert not (tmp_path / "run" / "checkpoint-5").exists()
+    checkpoint(5)
+    assert resume.resume_point_or_clear(config(learning_rate=5e-5), {"sft_model": "b"}) is None  # other inputs
+    checkpoint(5)
+    resume.mark_finished(config(learning_rate=5e-5))
+    finished_again = resume.resume_point_or_clear(config(learning_rate=5e-5), {"sft_model": "b"})
+    assert finished_again is None  # finished: train afresh
+    assert not (tmp_path / "run" / "checkpoint-5").exists()
+    out = capsys.readouterr().out
+    assert "Resuming from" in out and "other settings or inputs" in out and "a finished run" in out
 
 
 @pytest.mark.slow

@@ -26,6 +26,12 @@ def test_unknown_profile_exits_2_and_names_the_valid_ones():
     assert all(name in result.stderr for name in ("cpu", "rtx4090", "auto"))
 
 
+@pytest.mark.parametrize("spelling", ["--output_dir", "--output-dir"])  # the scripts' spelling, and an alias
+def test_output_dir_is_spelled_as_in_the_scripts(spelling, tmp_path):
+    result = _cli("--profile", "cpu", "--only", "07", spelling, str(tmp_path))
+    assert result.returncode == 2 and "07" in result.stderr  # parsed; the bad notebook number is the error
+
+
 def test_unknown_notebook_number_exits_2():
     result = _cli("--profile", "cpu", "--only", "07")
     assert result.returncode == 2 and "07" in result.stderr

@@ -102,9 +102,10 @@ def test_accelerate_configs_load_and_say_when_to_pick_them(name):
 
 
 def test_4bit_weights_are_stored_in_the_compute_dtype_so_fsdp_can_shard_them():
+    from utils import recipes
     from utils.profiles import get_profile
 
-    quant = models.quantization_config(get_profile("rtx4090"))
+    quant = recipes.quantization_config(get_profile("rtx4090"))
     assert quant.bnb_4bit_quant_storage == quant.bnb_4bit_compute_dtype
 
 

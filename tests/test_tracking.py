@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from utils import models, recipes, tracking
+from utils import recipes, resume, tracking
 from utils.errors import CourseError
 from utils.profiles import get_profile
 
@@ -35,14 +35,14 @@ def test_the_run_name_does_not_stop_an_interrupted_run_from_resuming(tmp_path):
     """Each run gets a new dashboard line (a timestamped name), yet resuming still recognises the same plan."""
     profile = get_profile("cpu", report_to="trackio")
     first = recipes.sft_config(profile, tmp_path, run_name="sft-cpu-first")
-    assert models.resume_point(first, {"profile": profile}) is None
+    assert resume.resume_point_or_clear(first, {"profile": profile}) is None
     checkpoint = tmp_path / "checkpoint-5"
     checkpoint.mkdir()
     (checkpoint / "trainer_state.json").write_text("{}")
     again = recipes.sft_config(profile, tmp_path, run_name="sft-cpu-second")
-    assert models.resume_point(again, {"profile": profile}) == str(checkpoint)
+    assert resume.resume_point_or_clear(again, {"profile": profile}) == str(checkpoint)
     other = recipes.sft_config(profile, tmp_path, run_name="sft-cpu-third", learning_rate=1e-3)
-    assert models.resume_point(other, {"profile": profile}) is None, "the control: another plan starts over"
+    assert resume.resume_point_or_clear(other, {"profile": profile}) is None, "the control: another plan starts over"
 
 
 def _start_then_import_trackio(out_dir: Path, import_first: str | None = None) -> dict:

@@ -50,6 +50,7 @@ ZEPHYR_TEMPLATE = (
 
 ROLES = ("system", "user", "assistant")
 END_OF_TURN = "<end_of_turn>"
+TURN_TOKENS = ("<start_of_turn>", END_OF_TURN)
 
 
 def validate_messages(messages: list[dict]) -> None:
@@ -105,6 +106,33 @@ def encode(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
     )
 
 
+# The template's parts, abbreviated, for render_steps' table (the full Jinja text is GEMMA_TEMPLATE).
+TEMPLATE_PARTS = {
+    "start": "{{ bos_token }}",
+    "user": "'<start_of_turn>user\\n' + (system + '\\n\\n' if first) + content | trim + '<end_of_turn>\\n'",
+    "assistant": "'<start_of_turn>model\\n' {% generation %} content | trim + '<end_of_turn>' {% endgeneration %} "
+                 "'\\n'",
+}
+
+
+def render_steps(tokenizer, messages: list[dict]) -> list[dict]:
+    """What each part of the template renders for this conversation, and which of it sits inside {% generation %}."""
+    enc = encode(tokenizer, messages)
+    ids, mask = enc["input_ids"], enc["assistant_masks"]
+    rows, start = [], 1
+    rows.append({"part": "start", "jinja": TEMPLATE_PARTS["start"], "renders": tokenizer.decode(ids[:1]),
+                 "inside {% generation %}": ""})
+    for k, message in enumerate(messages, 1):
+        if message["role"] == "system":
+            continue  # folded into the first user turn: it renders there
+        end = len(encode(tokenizer, messages[:k])["input_ids"])
+        trained = [i for i, m in zip(ids[start:end], mask[start:end]) if m]
+        rows.append({"part": message["role"], "jinja": TEMPLATE_PARTS[message["role"]],
+                     "renders": tokenizer.decode(ids[start:end]), "inside {% generation %}": tokenizer.decode(trained)})
+        start = end
+    return rows
+
+
 def mask_rows(tokenizer, messages: list[dict]) -> list[tuple[str, int, bool]]:
     """(token, id, trained?) for every token of the rendered conversation."""
     enc = encode(tokenizer, messages)
@@ -139,6 +167,11 @@ class MaskView:
 
     def __repr__(self) -> str:
         return "[[token:id]] = trained on, token:id = context only\n" + self.text
+
+
+def turn_token_ids(tokenizer) -> list[int]:
+    """Ids of <start_of_turn> and <end_of_turn>, the tokens a base model never learned."""
+    return tokenizer.convert_tokens_to_ids(list(TURN_TOKENS))
 
 
 def stop_token_ids(tokenizer) -> list[int]:

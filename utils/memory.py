@@ -7,8 +7,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
+from transformers import AutoConfig
+
 from utils.errors import CourseError
-from utils.profiles import EMBEDDED_MODEL_ID
 
 GIB = 2**30
 METHODS = ("full", "lora", "qlora")
@@ -220,8 +221,10 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 def shape_for_profile(profile) -> ModelShape:
-    """The ModelShape of a course profile's base model."""
-    return shape_for("gemma-3-270m" if profile.model_id == EMBEDDED_MODEL_ID else "gemma-7b")
+    """The ModelShape of a profile's base model: its model_shape preset, else counted from the model's config."""
+    if profile.model_shape:
+        return shape_for(profile.model_shape)
+    return ModelShape.from_config(AutoConfig.from_pretrained(profile.model_id))
 
 
 def estimate_profile(profile) -> MemoryEstimate:

@@ -1,13 +1,11 @@
-"""Loading models and tokenizers: the embedded Gemma checkpoint, 4-bit QLoRA set-up, LoRA and merging."""
+"""Loading models and tokenizers (the embedded Gemma checkpoint, 4-bit bases) and their LoRA adapters: wrap, merge."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
@@ -21,15 +19,14 @@ from transformers import (
     PreTrainedModel,
 )
 
-from utils import distributed
+from utils import distributed, recipes
 from utils.errors import CourseError
 from utils.memory import check_fits
-from utils.profiles import EMBEDDED_MODEL_ID, Profile
+from utils.profiles import Profile, uses_embedded_model
 
 CACHE_ENV = "COURSE_CACHE"
 EMBEDDED_DIR_NAME = "gemma-3-270m-base"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 
 
 def cache_dir() -> Path:
@@ -107,7 +104,7 @@ def save_tiny_gemma(out_dir: str | Path, seed: int = 0) -> Path:
 
 def model_source(profile: Profile) -> str:
     """The path or Hub id that from_pretrained should read for this profile's base model."""
-    return str(ensure_embedded_model()) if profile.model_id == EMBEDDED_MODEL_ID else profile.model_id
+    return str(ensure_embedded_model()) if uses_embedded_model(profile) else profile.model_id
 
 
 def load_tokenizer(profile: Profile):
@@ -118,17 +115,6 @@ def load_tokenizer(profile: Profile):
 def compute_dtype(profile: Profile) -> torch.dtype:
     """The dtype that 4-bit matmuls compute in (bf16 on CPU and Ampere+ GPUs)."""
     return getattr(torch, profile.compute_dtype)
-
-
-def quantization_config(profile: Profile) -> BitsAndBytesConfig:
-    """QLoRA's 4-bit storage: NF4 with double quantization, computing in the profile's dtype."""
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype(profile),
-        bnb_4bit_quant_storage=compute_dtype(profile),
-    )
 
 
 def guard_cpu_4bit(model: torch.nn.Module) -> int:
@@ -147,7 +133,7 @@ def guard_cpu_4bit(model: torch.nn.Module) -> int:
 
 def check_device(profile: Profile) -> None:
     """Raise CourseError when a GPU profile runs without a CUDA GPU, or with too little free GPU memory."""
-    if profile.model_id == EMBEDDED_MODEL_ID or Path(profile.model_id).is_dir():
+    if uses_embedded_model(profile) or Path(profile.model_id).is_dir():
         return  # the embedded model, or a local checkpoint (e.g. save_tiny_gemma's), may run on the CPU
     if not torch.cuda.is_available():
         raise CourseError(
@@ -159,13 +145,17 @@ def check_device(profile: Profile) -> None:
     check_fits(profile, free / 2**30, distributed.world_size(), distributed.strategy())
 
 
-def load_base_model(profile: Profile, path: str | Path | None = None, quantize: bool | None = None) -> PreTrainedModel:
-    """Load the profile's base model (or the checkpoint at path), in 4-bit when the profile says so."""
+def load_base_model(profile: Profile, path: str | Path | None = None, quantize: bool | None = None,
+                    quantization_config: BitsAndBytesConfig | None = None) -> PreTrainedModel:
+    """Load the profile's base model (or the checkpoint at path), in 4-bit when the profile (or quantize) says so.
+
+    quantization_config: the 4-bit settings (notebook 02 writes its own); default `recipes.quantization_config`.
+    """
     check_device(profile)
     quantize = profile.load_in_4bit if quantize is None else quantize
     kwargs: dict = {"dtype": compute_dtype(profile) if torch.cuda.is_available() else torch.float32}
     if quantize:
-        kwargs["quantization_config"] = quantization_config(profile)
+        kwargs["quantization_config"] = quantization_config or recipes.quantization_config(profile)
         kwargs["dtype"] = compute_dtype(profile)
     if device_map := distributed.device_map():  # under FSDP/ZeRO-3 the launcher places the shards
         kwargs["device_map"] = device_map
@@ -173,26 +163,6 @@ def load_base_model(profile: Profile, path: str | Path | None = None, quantize: 
     if quantize:
         guard_cpu_4bit(model)
     return model
-
-
-def turn_token_ids(tokenizer) -> list[int]:
-    """Ids of <start_of_turn> and <end_of_turn>, the tokens a base model never learned."""
-    return tokenizer.convert_tokens_to_ids(list(TURN_TOKENS))
-
-
-def lora_config(profile: Profile, tokenizer) -> LoraConfig:
-    """LoRA on every linear layer; with train_turn_tokens also the turn-token embedding rows."""
-    extra = {}
-    if profile.train_turn_tokens:
-        extra = {"trainable_token_indices": {"embed_tokens": turn_token_ids(tokenizer)}, "ensure_weight_tying": True}
-    return LoraConfig(
-        r=profile.lora_r,
-        lora_alpha=profile.lora_alpha,
-        lora_dropout=profile.lora_dropout,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-        **extra,
-    )
 
 
 def add_lora(model: PreTrainedModel, config: LoraConfig, gradient_checkpointing: bool = False) -> PeftModel:
@@ -244,8 +214,8 @@ def describe_trainable(model: torch.nn.Module) -> str:
 
 
 def merge_dtype(profile: Profile) -> torch.dtype:
-    """Full precision for the small CPU model; bf16 (half the RAM) for large models."""
-    return torch.float32 if profile.model_id == EMBEDDED_MODEL_ID else torch.bfloat16
+    """The profile's merge_dtype: float32 for the small CPU model (exact), bfloat16 for large ones (half the RAM)."""
+    return getattr(torch, profile.merge_dtype)
 
 
 def load_full_precision(profile: Profile, path: str | Path | None = None) -> PreTrainedModel:
@@ -271,62 +241,3 @@ def merge_adapter(profile: Profile, adapter_dir: str | Path, out_dir: str | Path
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
-
-
-def use_bf16_autocast(profile: Profile) -> bool:
-    """Whether the trainer should compute in bf16 autocast (bf16 profiles on Ampere+ GPUs or CPUs)."""
-    if profile.compute_dtype != "bfloat16":
-        return False
-    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
-
-
-PLAN_FILE = "run_plan.json"
-NOT_PLAN = {"output_dir", "logging_dir", "disable_tqdm", "report_to", "logging_steps", "save_total_limit", "local_rank",
-            "hub_token", "project", "run_name", "trackio_static_space_id"}
-
-
-def _plan(config, inputs: dict) -> dict:
-    """What makes two runs the same run: the trainer settings that shape training, and its inputs."""
-    settings = {k: v for k, v in config.to_dict().items() if k not in NOT_PLAN}
-    as_json = json.dumps({"settings": settings, "inputs": inputs}, sort_keys=True,
-                         default=lambda o: asdict(o) if is_dataclass(o) else str(o))
-    return json.loads(as_json)
-
-
-def resume_point(config, inputs: dict) -> str | None:
-    """The checkpoint to resume an interrupted run of exactly this plan from (config and inputs), else None.
-
-    Checkpoints of a finished run, or of one with other settings or inputs (another SFT model, beta...), are removed:
-    resuming them would mix two runs.
-    """
-    out = Path(config.output_dir)
-    plan, saved = _plan(config, inputs), out / PLAN_FILE
-    previous = json.loads(saved.read_text()) if saved.is_file() else None
-    if previous == {"plan": plan, "finished": False}:
-        found = last_checkpoint(out)
-        if found:
-            print(f"Resuming from {found}: the steps already done are not repeated.")
-        return found
-    if last_checkpoint(out):
-        why = "a finished run" if previous and previous["plan"] == plan else "a run with other settings or inputs"
-        print(f"Checkpoints in {out} belong to {why}: starting over.")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    saved.write_text(json.dumps({"plan": plan, "finished": False}, indent=1))
-    return None
-
-
-def mark_finished(config) -> None:
-    """Record that the run in config.output_dir completed, so that running it again trains afresh."""
-    saved = Path(config.output_dir) / PLAN_FILE
-    saved.write_text(json.dumps({**json.loads(saved.read_text()), "finished": True}, indent=1))
-
-
-def last_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest complete checkpoint-N folder under output_dir, to resume from (None if there is none).
-
-    A run killed while saving leaves a checkpoint without trainer_state.json (the Trainer writes it last): skipped.
-    """
-    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    complete = [p for p in folders if (p / "trainer_state.json").is_file()]
-    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None

@@ -42,7 +42,10 @@ def loss_curve(log_history: list[dict], eval_before: float | None = None, ax: Ax
 
 
 def memory_bars(rows: list[dict], budget_gib: float | None = None, ax: Axes | None = None) -> Axes:
-    """Stacked bars of estimated training memory per (model, method): MemoryEstimate.as_row() plus a "model" key."""
+    """Stacked bars of estimated training memory per (model, method) on a linear axis, each labelled with its total.
+
+    rows: MemoryEstimate.as_row() plus a "model" key. Linear, so a segment's height is its share of the bar.
+    """
     ax = ax if ax is not None else plt.subplots(figsize=(9, 4))[1]
     parts = ("weights", "gradients", "optimizer", "lora", "activations")
     labels = [f"{r['model'].removeprefix('gemma-')}\n{r['method']}" for r in rows]
@@ -51,9 +54,11 @@ def memory_bars(rows: list[dict], budget_gib: float | None = None, ax: Axes | No
         values = [r[part] for r in rows]
         ax.bar(labels, values, bottom=bottom, label=part)
         bottom = [b + v for b, v in zip(bottom, values)]
+    for x, total in enumerate(bottom):  # small bars stay readable as numbers
+        ax.annotate(f"{total:.1f}", (x, total), ha="center", va="bottom", fontsize=7)
     if budget_gib:
         ax.axhline(budget_gib, color="black", linestyle=":", label=f"{budget_gib:.0f} GiB GPU")
-    ax.set(ylabel="GiB (log scale)", yscale="log", title="Only QLoRA of a 7B model fits one 24 GB GPU")
+    ax.set(ylabel="GiB", title="Only QLoRA of a 7B model fits one 24 GB GPU")
     ax.tick_params(axis="x", labelsize=8)
     ax.legend(fontsize=7, loc="upper left")
     return ax

@@ -19,6 +19,8 @@ class Profile:
 
     name: str
     model_id: str
+    model_shape: str | None  # a memory.PRESETS name for the estimator; None: read the model's config
+    merge_dtype: str  # the dtype adapters are merged in on the CPU: float32 (exact) or bfloat16 (half the RAM)
     load_in_4bit: bool
     compute_dtype: str
     max_length: int
@@ -56,6 +58,8 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         name="cpu",
         model_id=EMBEDDED_MODEL_ID,
+        model_shape="gemma-3-270m",
+        merge_dtype="float32",  # a small model: merge exactly
         load_in_4bit=True,
         compute_dtype="auto",  # bf16 where the CPU computes it natively (AVX512-BF16, AMX), else fp32
         max_length=256,
@@ -90,6 +94,8 @@ PROFILES: dict[str, Profile] = {
     "rtx4090": Profile(
         name="rtx4090",
         model_id="google/gemma-7b",
+        model_shape="gemma-7b",
+        merge_dtype="bfloat16",  # 17 GiB of RAM for the merge instead of 34
         load_in_4bit=True,
         compute_dtype="bfloat16",
         max_length=2048,
@@ -147,19 +153,30 @@ def resolve_name(name: str) -> str:
 
 
 def get_profile(name: str = "auto", **overrides) -> Profile:
-    """Return the named profile (auto resolved) with the non-None overrides applied and compute_dtype resolved."""
+    """Return the named profile (auto resolved) with the non-None overrides applied and compute_dtype resolved.
+
+    Another model_id without a model_shape clears the profile's shape: the estimator then reads that model's config.
+    """
     known = {f.name for f in fields(Profile)} - {"name", "compute_dtype_reason"}
     if bad := set(overrides) - known:
         raise CourseError(
             f"Unknown profile field(s) {sorted(bad)}. Known fields: {', '.join(sorted(known))}. "
             "Check the spelling of the parameter you passed."
         )
-    profile = replace(PROFILES[resolve_name(name)], **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "model_id" in given and "model_shape" not in given:
+        given["model_shape"] = None
+    profile = replace(PROFILES[resolve_name(name)], **given)
     try:
         dtype, reason = choose_compute_dtype(profile.compute_dtype)
     except ValueError as err:
         raise CourseError(str(err)) from err
     return replace(profile, compute_dtype=dtype, compute_dtype_reason=reason)
+
+
+def uses_embedded_model(profile: Profile) -> bool:
+    """Whether the profile trains the Gemma 3 270M base shipped through PyPI (converted locally, no Hub)."""
+    return profile.model_id == EMBEDDED_MODEL_ID
 
 
 def check_parameters(namespace: dict, known: list[str]) -> None:

@@ -1,4 +1,7 @@
-"""The course's training recipes: TRL configs built from a profile, shared by notebooks, scripts and benchmarks."""
+"""The course's training recipes: a profile turned into the bitsandbytes, PEFT and TRL configs that train it.
+
+Shared by scripts and benchmarks; notebooks 02 and 04 write the same configs out by hand, and a test checks they agree.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +11,50 @@ from pathlib import Path
 import torch
 from datasets import Dataset, DatasetDict
 from peft import LoraConfig
+from transformers import BitsAndBytesConfig
 from trl import DPOConfig, SFTConfig
 
-from utils import data, tracking
-from utils.models import use_bf16_autocast
+from utils import chat, data, report, tracking
 from utils.profiles import Profile
 
+LOCATION = {"output_dir", "logging_dir", "run_name"}  # where a run writes or is shown, not how it trains: not compared
 
-def _common(profile: Profile, output_dir: str | Path) -> dict:
-    """Trainer arguments that SFT and DPO share: batch shape, precision, checkpoints, seed."""
+
+def use_bf16_autocast(profile: Profile) -> bool:
+    """Whether the trainer should compute in bf16 autocast (bf16 profiles on Ampere+ GPUs or CPUs)."""
+    if profile.compute_dtype != "bfloat16":
+        return False
+    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+
+
+def quantization_config(profile: Profile) -> BitsAndBytesConfig:
+    """QLoRA's 4-bit storage: NF4 with double quantization, computing (and packed) in the profile's dtype."""
+    dtype = getattr(torch, profile.compute_dtype)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+
+
+def lora_config(profile: Profile, tokenizer) -> LoraConfig:
+    """SFT's LoRA on every linear layer; with train_turn_tokens also the turn-token embedding rows."""
+    extra = {}
+    if profile.train_turn_tokens:
+        extra = {"trainable_token_indices": {"embed_tokens": chat.turn_token_ids(tokenizer)},
+                 "ensure_weight_tying": True}
+    return LoraConfig(r=profile.lora_r, lora_alpha=profile.lora_alpha, lora_dropout=profile.lora_dropout,
+                      target_modules="all-linear", task_type="CAUSAL_LM", **extra)
+
+
+def plumbing(profile: Profile, output_dir: str | Path, stage: str, logging_steps: int, eval_steps: int | None) -> dict:
+    """Trainer arguments that are not the lesson: output folder, checkpoints, logging (and dashboard), evaluation, seed,
+    device; stage ("sft" or "dpo") names the dashboard's run."""
     return {
+        **tracking.trainer_args(profile, stage),
         "output_dir": str(output_dir),
-        "gradient_accumulation_steps": profile.grad_accum,
-        "gradient_checkpointing": profile.gradient_checkpointing,
-        "lr_scheduler_type": "constant",
         "save_steps": profile.save_steps,
         "save_total_limit": 1,
-        "bf16": use_bf16_autocast(profile),
+        "logging_steps": logging_steps,
+        "eval_strategy": "steps" if eval_steps else "no",
+        "eval_steps": eval_steps,
         "use_cpu": not torch.cuda.is_available(),
         "seed": profile.seed,
     }
@@ -37,18 +67,19 @@ def sft_config(profile: Profile, output_dir: str | Path, **overrides) -> SFTConf
     drop rows longer than max_length first (`data.drop_longer_than`).
     """
     args = {
-        **_common(profile, output_dir),
-        **tracking.trainer_args(profile, "sft"),
-        "max_length": None if profile.padding_free else profile.max_length,
-        "padding_free": profile.padding_free,
         "assistant_only_loss": True,
-        "per_device_train_batch_size": profile.batch_size,
-        "per_device_eval_batch_size": profile.batch_size,
         "max_steps": profile.sft_steps,
         "learning_rate": profile.sft_lr,
-        "logging_steps": max(1, profile.sft_steps // 10),
-        "eval_strategy": "steps",
-        "eval_steps": max(1, profile.sft_steps // 2),
+        "lr_scheduler_type": "constant",
+        "per_device_train_batch_size": profile.batch_size,
+        "per_device_eval_batch_size": profile.batch_size,
+        "gradient_accumulation_steps": profile.grad_accum,
+        "gradient_checkpointing": profile.gradient_checkpointing,
+        "padding_free": profile.padding_free,
+        "max_length": None if profile.padding_free else profile.max_length,
+        "bf16": use_bf16_autocast(profile),
+        **plumbing(profile, output_dir, "sft", logging_steps=max(1, profile.sft_steps // 10),
+                   eval_steps=max(1, profile.sft_steps // 2)),
     }
     return SFTConfig(**{**args, **overrides})
 
@@ -82,18 +113,19 @@ def dpo_config(profile: Profile, output_dir: str | Path, **overrides) -> DPOConf
     """DPOConfig for the profile: beta, optional SFT term (RPO), constant learning rate, explicit evaluations."""
     loss_type = ["sigmoid", "sft"] if profile.dpo_sft_weight > 0 else ["sigmoid"]
     args = {
-        **_common(profile, output_dir),
-        **tracking.trainer_args(profile, "dpo"),
         "beta": profile.dpo_beta,
         "loss_type": loss_type,
         "loss_weights": [1.0, profile.dpo_sft_weight] if len(loss_type) == 2 else None,
         "learning_rate": profile.dpo_lr,
+        "lr_scheduler_type": "constant",
         "max_length": profile.max_length,
+        "max_steps": profile.dpo_steps,
         "per_device_train_batch_size": profile.dpo_batch_size,
         "per_device_eval_batch_size": profile.dpo_batch_size,
-        "max_steps": profile.dpo_steps,
-        "logging_steps": 1,
-        "eval_strategy": "no",
+        "gradient_accumulation_steps": profile.grad_accum,
+        "gradient_checkpointing": profile.gradient_checkpointing,
+        "bf16": use_bf16_autocast(profile),
+        **plumbing(profile, output_dir, "dpo", logging_steps=1, eval_steps=None),  # the notebook evaluates explicitly
     }
     return DPOConfig(**{**args, **overrides})
 
@@ -104,3 +136,26 @@ def changed_from_defaults(config: SFTConfig | DPOConfig) -> dict:
     skip = {"output_dir", "logging_dir", "use_cpu", "run_name"}
     return {f.name: getattr(config, f.name) for f in fields(config)
             if f.name not in skip and getattr(config, f.name) != getattr(default, f.name)}
+
+
+def sft_recipe(profile: Profile, tokenizer, output_dir: str | Path) -> dict:
+    """Everything SFT is configured with: {"quantization": BitsAndBytesConfig, "lora": LoraConfig, "sft": SFTConfig}."""
+    return {"quantization": quantization_config(profile), "lora": lora_config(profile, tokenizer),
+            "sft": sft_config(profile, output_dir)}
+
+
+def dpo_recipe(profile: Profile, output_dir: str | Path) -> dict:
+    """Everything DPO is configured with: {"lora": LoraConfig, "dpo": DPOConfig}."""
+    return {"lora": dpo_lora_config(profile), "dpo": dpo_config(profile, output_dir)}
+
+
+def differences(recorded: dict[str, dict], recipe: dict) -> list[str]:
+    """"name.field: recorded != recipe" for every argument where recorded configs (a manifest's) and a recipe differ."""
+    expected = {name: report.config_as_dict(config) for name, config in recipe.items()}
+    found = []
+    for name in sorted(set(recorded) | set(expected)):
+        mine, theirs = recorded.get(name, {}), expected.get(name, {})
+        for key in sorted((set(mine) | set(theirs)) - LOCATION):
+            if mine.get(key) != theirs.get(key):
+                found.append(f"{name}.{key}: {mine.get(key)!r} != {theirs.get(key)!r}")
+    return found

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 from utils.errors import CourseError
@@ -31,10 +32,28 @@ def load_metrics(out_dir: str | Path) -> dict[str, float]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def write_manifest(out_dir: str | Path, name: str, data: dict) -> Path:
-    """Save <out_dir>/<name>/manifest.json, the hand-over from one notebook to the next."""
+def _plain(value):
+    """A JSON-ready form of what configs hold: sets sorted, dtypes and enums as text."""
+    return sorted(value, key=str) if isinstance(value, set | frozenset) else str(value)
+
+
+def config_as_dict(config) -> dict:
+    """A BitsAndBytesConfig, LoraConfig, SFTConfig or DPOConfig as a JSON-ready dict of its arguments."""
+    return json.loads(json.dumps(config.to_dict(), sort_keys=True, default=_plain))
+
+
+def config_dicts(configs: dict) -> dict[str, dict]:
+    """{name: config_as_dict(config)}: take it before training, since PEFT rewrites a LoraConfig it is given."""
+    return {name: config_as_dict(config) for name, config in configs.items()}
+
+
+def write_manifest(out_dir: str | Path, name: str, profile, configs: dict[str, dict], **data) -> Path:
+    """Save <out_dir>/<name>/manifest.json, the hand-over to the next stage: the whole profile, the configs, data.
+
+    Notebooks and scripts both write it with this function; `configs` are config_as_dict records.
+    """
     path = Path(out_dir) / name / "manifest.json"
-    _write_json(path, data)
+    _write_json(path, {"profile": asdict(profile), "configs": configs, **data})
     return path
 
 
@@ -47,6 +66,11 @@ def read_manifest(out_dir: str | Path, name: str, made_by: str) -> dict:
             f"with the same OUTPUT_DIR ({out_dir}), or run the whole course with `make tutorial`."
         )
     return json.loads(path.read_text())
+
+
+def bench_results() -> dict:
+    """The committed `make bench` results (benchmarks/results/bench.json): machine, settings and measured arms."""
+    return json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "bench.json").read_text())
 
 
 def output_dir(profile_name: str, override: str | Path | None = None) -> Path:

@@ -1,6 +1,6 @@
 """Run the course: every notebook in order with papermill, with HTML copies and a summary.
 
-    python -m utils.run [--profile P] [--only 02,04] [--output-dir D] [--check]
+    python -m utils.run [--profile P] [--only 02,04] [--output_dir D] [--check]
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.run", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="auto", help=f"one of {', '.join([*PROFILES, 'auto'])}")
     parser.add_argument("--only", help="comma-separated notebook numbers, e.g. 02,04")
-    parser.add_argument("--output-dir", type=Path, help="default: outputs/<profile>")
+    parser.add_argument("--output_dir", "--output-dir", type=Path, help="default: outputs/<profile>")
     parser.add_argument("--check", action="store_true", help="inspect the machine and estimate the run")
     args = parser.parse_args(argv)
     try:

@@ -56,7 +56,7 @@ def time_sft_step(profile: Profile, steps: int = 2) -> float:
     tokenizer = chat.setup_tokenizer(models.load_tokenizer(profile), profile.max_length)
     train, _ = recipes.sft_datasets(profile, tokenizer, data.load_sft_dataset(
         profile.sft_data, max_rows=steps * profile.batch_size * profile.grad_accum))
-    model = models.add_lora(models.load_base_model(profile), models.lora_config(profile, tokenizer),
+    model = models.add_lora(models.load_base_model(profile), recipes.lora_config(profile, tokenizer),
                             gradient_checkpointing=profile.gradient_checkpointing)
     timer = _StepTimer()
     with tempfile.TemporaryDirectory() as out:
