@@ -13,10 +13,10 @@ from utils import chat, data, models, recipes
 from utils.memory import ModelShape
 from utils.profiles import Profile
 
-# The cpu course (`make tutorial`) costs about this many of the probe's SFT steps plus a fixed part (kernel starts,
-# loading, merging), fitted to runs measured on two processor kinds: see README, "Measured on the 2-core CPU machine".
-COURSE_STEP_EQUIVALENTS = {"cpu": 48.0}
-COURSE_FIXED_SECONDS = {"cpu": 120.0}
+# The whole cpu course (`make tutorial`) costs about this many of the probe's SFT steps: the mean of the two ratios
+# measured on 2 cores of an Intel Xeon (AMX, AVX512-BF16), 2026-11-29: natively in bf16 729 s / 10.4 s = 70, under the
+# AVX2-only reproduction in fp32 1108 s / 19.2 s = 58 (README, "Which processor").
+COURSE_STEP_EQUIVALENTS = {"cpu": 64.0}
 
 
 def matmul_gflops(dtype: torch.dtype, m: int = 512, k: int = 640, n: int = 2048, seconds: float = 0.3) -> float:
@@ -73,4 +73,4 @@ def predict_course_minutes(profile: Profile, step_seconds: float) -> float | Non
     """The whole course's wall minutes on this machine from one SFT step's seconds (None: no fit for this profile)."""
     if profile.name not in COURSE_STEP_EQUIVALENTS:
         return None
-    return (COURSE_FIXED_SECONDS[profile.name] + COURSE_STEP_EQUIVALENTS[profile.name] * step_seconds) / 60
+    return COURSE_STEP_EQUIVALENTS[profile.name] * step_seconds / 60
