@@ -83,7 +83,9 @@ def to_text(result: dict) -> str:
         "AVX2-only reproduction (`utils.precision.AVX2_ONLY_ENV`: ATen, oneDNN and MKL limited to AVX2, as on a "
         "laptop without AVX512). Achieved GFLOP/s = real tokens/s x 6 x the model's matmul weights; matmul GFLOP/s = a "
         "512x640 @ 640x2048 matmul in the same precision and process. Emulated bf16 runs "
-        f"{precision.SLOW_ARM_STEPS} step.", "",
+        f"{precision.SLOW_ARM_STEPS} step; under the reproduction a bare bf16 matmul goes to oneDNN's reference kernel "
+        "while the step's autocast layers take faster paths, so that row's share exceeds 100%: compare whole steps "
+        "there.", "",
         to_markdown(precision.rows(result["precision"])), "",
         *[f"- {name}: auto picks **{r['auto']['dtype']}** ({r['auto']['reason']}); it trains "
           f"**{r['auto_speedup_over_other']:.2f}x** the real tokens/s of {precision.OTHER[r['auto']['dtype']]}."
