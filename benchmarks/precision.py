@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import training_speed  # noqa: E402
 
-from utils.precision import AVX2_ONLY_ENV  # noqa: E402
+from utils.precision import AVX2_ONLY_ENV, auto_choice_in  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # The reproduction limits x86 instruction sets: on other processors only the native setting is measured.
@@ -28,21 +26,11 @@ OTHER = {"bfloat16": "float32", "float32": "bfloat16"}
 SLOW_ARM_STEPS = 1
 
 
-def auto_choice(env: dict) -> dict:
-    """What compute_dtype="auto" resolves to, and the CPU features behind it, in a process with env set."""
-    code = ("import json; from utils import precision; f = precision.cpu_features(); "
-            "d, why = precision.choose_compute_dtype('auto', on_gpu=False); "
-            "print(json.dumps({'dtype': d, 'reason': why, 'features': f.describe()}))")
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
-                         text=True, timeout=300, check=True)
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
 def measure(steps: int, tiny_dir: str | None = None, settings: dict | None = None) -> dict:
     """Per setting: the automatic choice, and SFT figures for it and for the other precision forced."""
     results = {}
     for name, env in (settings or SETTINGS).items():
-        auto = auto_choice(env)
+        auto = auto_choice_in(env)
         arms = {}
         for dtype in (auto["dtype"], OTHER[auto["dtype"]]):
             n = SLOW_ARM_STEPS if dtype == "bfloat16" and auto["dtype"] == "float32" else steps

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -49,20 +48,12 @@ def test_an_unknown_dtype_is_refused():
         get_profile("cpu", compute_dtype="fp16")
 
 
-def _features_in_subprocess(env: dict) -> dict:
-    code = ("import json; from utils import precision; f = precision.cpu_features(); "
-            "print(json.dumps({'capability': f.capability, 'onednn_bf16': f.onednn_bf16, "
-            "'dtype': precision.choose_compute_dtype('auto', on_gpu=False)[0]}))")
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
-                         text=True, timeout=120, check=True)
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="the AVX2 reproduction is for x86 processors")
 def test_the_avx2_reproduction_turns_native_bf16_off():
     """Under AVX2_ONLY_ENV torch sees an AVX2 processor without native bf16, whatever this one has."""
-    found = _features_in_subprocess(precision.AVX2_ONLY_ENV)
-    assert found == {"capability": "AVX2", "onednn_bf16": False, "dtype": "float32"}
+    found = precision.auto_choice_in(precision.AVX2_ONLY_ENV)
+    assert (found["capability"], found["onednn_bf16"], found["dtype"]) == ("AVX2", False, "float32")
+    assert "limited by ATEN_CPU_CAPABILITY=avx2" in found["reason"]
 
 
 def _sft_steps(tmp_path: Path, env: dict) -> str:

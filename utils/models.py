@@ -113,7 +113,7 @@ def load_tokenizer(profile: Profile):
 
 
 def compute_dtype(profile: Profile) -> torch.dtype:
-    """The dtype that 4-bit matmuls compute in (bf16 on CPU and Ampere+ GPUs)."""
+    """The dtype 4-bit matmuls compute in: the profile's resolved compute_dtype (bf16 where native, else fp32)."""
     return getattr(torch, profile.compute_dtype)
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,22 +68,30 @@ def choose_compute_dtype(requested: str, on_gpu: bool | None = None) -> tuple[st
                        f"({features.describe()}; {platform.machine()})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m utils.precision [--avx2-only] [COMMAND ...]`: print the choice, or run COMMAND under it."""
-    import argparse
-    import subprocess
+def auto_choice_in(env: dict) -> dict:
+    """What compute_dtype="auto" picks on the CPU in a fresh process with env set (e.g. AVX2_ONLY_ENV):
+    {"dtype", "reason", "capability", "onednn_bf16"}."""
+    code = ("import json; from utils import precision; f = precision.cpu_features(); "
+            "d, why = precision.choose_compute_dtype('auto', on_gpu=False); "
+            "print(json.dumps({'dtype': d, 'reason': why, 'capability': f.capability, 'onednn_bf16': f.onednn_bf16}))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                         env={**os.environ, **env}, capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m utils.precision [--avx2-only] [-- COMMAND ...]`: print the choice, or run COMMAND under it."""
     parser = argparse.ArgumentParser(prog="python -m utils.precision", description=main.__doc__)
     parser.add_argument("--avx2-only", action="store_true",
                         help="reproduce an AVX2-only x86 processor (no AVX512, no native bf16) for COMMAND")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="e.g. make tutorial; without it, print the choice")
     args = parser.parse_args(argv)
-    env = {**os.environ, **(AVX2_ONLY_ENV if args.avx2_only else {})}
-    if args.command:
-        return subprocess.call(args.command[1:] if args.command[0] == "--" else args.command, env=env)
-    code = ("import json; from utils import precision; d, why = precision.choose_compute_dtype('auto'); "
-            "print(json.dumps({'compute_dtype': d, 'reason': why}, indent=2))")
-    return subprocess.call([sys.executable, "-c", code], env=env)
+    env = AVX2_ONLY_ENV if args.avx2_only else {}
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if command:
+        return subprocess.call(command, env={**os.environ, **env})
+    print(json.dumps(auto_choice_in(env), indent=2))
+    return 0
 
 
 if __name__ == "__main__":
