@@ -18,7 +18,6 @@ import training_speed  # noqa: E402
 
 from utils.precision import AVX2_ONLY_ENV, auto_choice_in  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 # The reproduction limits x86 instruction sets: on other processors only the native setting is measured.
 SETTINGS = {"native": {}, **({"AVX2-only (reproduced)": AVX2_ONLY_ENV} if platform.machine() == "x86_64" else {})}
 OTHER = {"bfloat16": "float32", "float32": "bfloat16"}
