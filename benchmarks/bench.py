@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -150,12 +149,7 @@ def main() -> int:
     parser.add_argument("--precision-steps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="a tiny random Gemma, no memory check: tests the code")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        tiny_dir = None
-        if args.tiny:
-            from utils.models import save_tiny_gemma
-
-            tiny_dir = str(save_tiny_gemma(Path(tmp) / "tiny"))
+    with training_speed.tiny_model_dir(args.tiny) as tiny_dir:
         print("Training throughput (each arm in its own process):", flush=True)
         training = training_speed.compare(args.sft_steps, args.dpo_steps, tiny_dir)
         print("Precision (each arm in its own process):", flush=True)

@@ -10,7 +10,6 @@ import argparse
 import json
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,12 +59,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="a tiny random Gemma: checks the code, not the speed")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        tiny_dir = None
-        if args.tiny:
-            from utils.models import save_tiny_gemma
-
-            tiny_dir = str(save_tiny_gemma(Path(tmp) / "tiny"))
+    with training_speed.tiny_model_dir(args.tiny) as tiny_dir:
         print(json.dumps(rows(measure(args.steps, tiny_dir)), indent=2))
     return 0
 

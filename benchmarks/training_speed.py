@@ -18,6 +18,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,6 +156,18 @@ def _train_and_measure(trainer, config, compute_dtype: str, setup_started: float
             "padding_free": getattr(config, "padding_free", False)}
 
 
+@contextmanager
+def tiny_model_dir(tiny: bool) -> Iterator[str | None]:
+    """The folder of a tiny random Gemma for the duration of the block when tiny (code checks), else None."""
+    if not tiny:
+        yield None
+        return
+    from utils.models import save_tiny_gemma
+
+    with tempfile.TemporaryDirectory() as tmp:
+        yield str(save_tiny_gemma(Path(tmp) / "tiny"))
+
+
 def run_isolated(arm: str, steps: int, tiny_dir: str | None, compute_dtype: str = "auto",
                  extra_env: dict | None = None) -> dict:
     """Run one arm in a fresh Python process (so peaks don't mix), with extra_env set there; returns its figures."""
@@ -205,12 +219,7 @@ def main() -> int:
             run = run_sft if args.worker.startswith("sft") else run_dpo
             print(json.dumps(run(args.worker, args.steps, args.tiny_dir, out, args.compute_dtype)))
         return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        tiny_dir = None
-        if args.tiny:
-            from utils.models import save_tiny_gemma
-
-            tiny_dir = str(save_tiny_gemma(Path(tmp) / "tiny"))
+    with tiny_model_dir(args.tiny) as tiny_dir:
         print(json.dumps(compare(args.sft_steps, args.dpo_steps, tiny_dir)["summary"], indent=2))
     return 0
 
