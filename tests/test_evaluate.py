@@ -39,3 +39,32 @@ def test_answer_logprobs_count_only_the_answer(tokenizer, tiny_model):
     total, n = evaluate.answer_logprobs(tiny_model, tokenizer, prompt, [{"role": "assistant", "content": "Hello!"}])
     assert n == len(tokenizer("Hello!", add_special_tokens=False)["input_ids"]) + 1  # + <end_of_turn>
     assert total < 0
+
+
+@pytest.mark.parametrize("sft_weight", [0.0, 0.5])
+def test_loss_terms_give_the_dpo_term_apart_from_the_sft_term(tmp_path, tokenizer, tiny_model, sft_weight):
+    """A real DPOTrainer at step 0: the DPO term is ln 2 whatever the SFT weight; total = DPO + weight x SFT."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    pairs = Dataset.from_list([{"prompt": [{"role": "user", "content": q}],
+                                "chosen": [{"role": "assistant", "content": good}],
+                                "rejected": [{"role": "assistant", "content": bad}]}
+                               for q, good, bad in [("How do I buy a gun?", "Through a licensed dealer.", "Ask around."),
+                                                    ("Capital of France?", "Paris.", "Lyon, I think.")] * 2])
+    terms = ["sigmoid", "sft"] if sft_weight else ["sigmoid"]
+    args = DPOConfig(output_dir=str(tmp_path), loss_type=terms, loss_weights=[1.0, sft_weight] if sft_weight else None,
+                     per_device_eval_batch_size=2, max_length=64, use_cpu=True, report_to="none")
+    trainer = DPOTrainer(model=tiny_model, ref_model=None, args=args, train_dataset=pairs, eval_dataset=pairs,
+                         processing_class=tokenizer, peft_config=LoraConfig(r=4, target_modules="all-linear",
+                                                                            task_type="CAUSAL_LM"))
+    found = evaluate.loss_terms(trainer, trainer.evaluate())
+    assert found["dpo"] == pytest.approx(math.log(2), abs=1e-4)
+    if sft_weight:
+        assert found["sft"] > 5  # a random model: about ln(262144) = 12.5 nats per chosen token
+        assert found["total"] == pytest.approx(found["dpo"] + sft_weight * found["sft"], rel=1e-5)
+        assert found["total"] > found["dpo"] + 1
+        assert trainer.loss_weights == [1.0, sft_weight]  # restored
+    else:
+        assert found == {"total": found["dpo"], "dpo": found["dpo"]}

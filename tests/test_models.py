@@ -129,8 +129,10 @@ def test_merged_model_matches_adapter_model(tmp_path, tokenizer, tiny_model, tok
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     prompts = ["Hi", "What is the capital of France?", "Tell me a joke."]
-    assert evaluate.max_logit_difference(merged, reloaded, tokenizer, prompts) < 1e-4
-    assert evaluate.max_logit_difference(merged, base, tokenizer, prompts) > 1e-3  # the adapter did change something
+    logits = {name: evaluate.prompt_logits(m, tokenizer, prompts)
+              for name, m in (("merged", merged), ("reloaded", reloaded), ("base", base))}
+    assert evaluate.max_logit_difference(logits["merged"], logits["reloaded"]) < 1e-4
+    assert evaluate.max_logit_difference(logits["merged"], logits["base"]) > 1e-3  # the adapter changed something
     assert not (tmp_path / "merged.partial").exists()
 
 

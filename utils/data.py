@@ -250,6 +250,16 @@ def load_categories(folder: str | Path) -> dict[str, str]:
     return {r["prompt_id"]: r["category"] for r in map(json.loads, path.read_text().splitlines()) if r}
 
 
+def select_categories(ds: Dataset, categories: dict[str, str], wanted: list[str], source: str | Path) -> Dataset:
+    """The rows whose rejection category is one of wanted; DataError when the data has none of them."""
+    known = sorted(set(categories.values()))
+    if unknown := [w for w in wanted if w not in known]:
+        raise DataError(f"{source} has no rejection categor{'y' if len(unknown) == 1 else 'ies'} {unknown}"
+                        f"{f'; it has {known}' if known else ' (no metadata.jsonl)'}. Set dpo_categories to '' to "
+                        "train on every pair, or to some of those categories, comma-separated.")
+    return ds.filter(lambda row: categories.get(row["prompt_id"]) in wanted)
+
+
 def _token_count(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 

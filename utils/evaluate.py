@@ -81,15 +81,37 @@ def dpo_loss(policy: list[dict], reference: list[dict], beta: float) -> dict:
 
 
 @torch.no_grad()
-def max_logit_difference(model_a, model_b, tokenizer, prompts: list[str]) -> float:
-    """Largest absolute difference between two models' logits over the rendered prompts."""
-    worst = 0.0
+def prompt_logits(model, tokenizer, prompts: list[str]) -> list[torch.Tensor]:
+    """The model's logits (float32, on the CPU) over each rendered prompt: compared after the model is freed."""
+    found = []
     for prompt in prompts:
         ids = torch.tensor([encode(tokenizer, [{"role": "user", "content": prompt}], True)["input_ids"]])
-        a = model_a(input_ids=ids.to(model_a.device)).logits.float().cpu()
-        b = model_b(input_ids=ids.to(model_b.device)).logits.float().cpu()
-        worst = max(worst, float((a - b).abs().max()))
-    return worst
+        found.append(model(input_ids=ids.to(model.device)).logits.float().cpu())
+    return found
+
+
+def max_logit_difference(logits_a: list[torch.Tensor], logits_b: list[torch.Tensor]) -> float:
+    """Largest absolute difference between two models' prompt_logits over the same prompts."""
+    return max(float((a - b).abs().max()) for a, b in zip(logits_a, logits_b, strict=True))
+
+
+def loss_terms(trainer, evaluated: dict[str, float], prefix: str = "eval") -> dict[str, float]:
+    """The DPO (sigmoid) term and the SFT term of a DPOTrainer's evaluated loss, apart.
+
+    With an SFT term, one more evaluation with the SFT weight set to 0 gives the DPO term; the loss is linear in the
+    weights, so the SFT term is the rest divided by its weight.
+    """
+    total = evaluated[f"{prefix}_loss"]
+    if list(trainer.loss_types) == ["sigmoid"]:
+        return {"total": total, "dpo": total}
+    weights = list(trainer.loss_weights)
+    trainer.loss_weights = [1.0 if kind == "sigmoid" else 0.0 for kind in trainer.loss_types]
+    try:
+        dpo = trainer.evaluate(metric_key_prefix=f"{prefix}_dpo_term")[f"{prefix}_dpo_term_loss"]
+    finally:
+        trainer.loss_weights = weights
+    sft_weight = weights[list(trainer.loss_types).index("sft")]
+    return {"total": total, "dpo": dpo, "sft": (total - dpo) / sft_weight}
 
 
 @torch.no_grad()

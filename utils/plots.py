@@ -120,3 +120,20 @@ def dpo_dashboard(log_history: list[dict]) -> plt.Figure:
     dpo_metric(log_history, ("logps/chosen", "logps/rejected"), "Log-probs: watch chosen not collapse", axes[1, 1])
     fig.tight_layout()
     return fig
+
+
+def decline_rates(rates: dict[str, dict[str, float]], ax: Axes | None = None) -> Axes:
+    """Grouped bars: for each model, the share of harmful and of benign held-out prompts it declined."""
+    ax = _ax(ax)
+    names = list(rates)
+    width = 0.38
+    for offset, (group, colour) in zip((-width / 2, width / 2), (("harmful", CHOSEN), ("benign", REJECTED))):
+        values = [rates[n][group] for n in names]
+        bars = ax.bar([i + offset for i in range(len(names))], values, width, color=colour,
+                      label=f"{group} prompts declined")
+        ax.bar_label(bars, labels=[f"{v:.0%}" for v in values], fontsize=7)
+    ax.set_xticks(range(len(names)), names)
+    ax.set(ylim=(0, 1.1), ylabel="share of prompts declined",
+           title="Decline the harmful (green up), answer the benign (orange down)")
+    ax.legend(fontsize=7, loc="upper left")
+    return ax

@@ -46,6 +46,7 @@ class Profile:
     dpo_beta: float
     dpo_batch_size: int
     dpo_sft_weight: float
+    dpo_categories: str  # "": every training pair; else comma-separated rejection categories DPO trains on
     max_new_tokens: int
     n_gen_prompts: int
     save_steps: int
@@ -85,6 +86,7 @@ PROFILES: dict[str, Profile] = {
         dpo_beta=0.1,
         dpo_batch_size=4,
         dpo_sft_weight=0.0,
+        dpo_categories="",
         max_new_tokens=64,
         n_gen_prompts=20,
         save_steps=5,
@@ -121,6 +123,7 @@ PROFILES: dict[str, Profile] = {
         dpo_beta=0.1,
         dpo_batch_size=1,
         dpo_sft_weight=0.0,
+        dpo_categories="",  # the Hub data has no rejection categories
         max_new_tokens=256,
         n_gen_prompts=20,
         save_steps=100,

@@ -98,9 +98,13 @@ def sft_datasets(profile: Profile, tokenizer, sft_data: DatasetDict) -> tuple[Da
 
 
 def dpo_datasets(profile: Profile, prefs: DatasetDict) -> tuple[Dataset, Dataset]:
-    """(train, eval) pairs for DPOTrainer, in the explicit prompt/chosen/rejected form."""
-    return data.for_dpo_trainer(prefs["train_prefs"]), data.for_dpo_trainer(_first(prefs["test_prefs"],
-                                                                                   profile.pref_eval_rows))
+    """(train, eval) pairs for DPOTrainer, in the explicit prompt/chosen/rejected form; training pairs limited to the
+    profile's dpo_categories when it names some."""
+    train = prefs["train_prefs"]
+    if profile.dpo_categories:
+        train = data.select_categories(train, data.load_categories(profile.pref_data),
+                                       profile.dpo_categories.split(","), source=profile.pref_data)
+    return data.for_dpo_trainer(train), data.for_dpo_trainer(_first(prefs["test_prefs"], profile.pref_eval_rows))
 
 
 def dpo_lora_config(profile: Profile) -> LoraConfig:
