@@ -9,7 +9,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, Gemma3ForCausalLM
 
-from utils import chat, evaluate, models, recipes
+from utils import chat, evaluate, memory, models, recipes
+from utils.errors import CourseError
+from utils.memory import ModelShape
 from utils.models import tiny_gemma_config
 from utils.profiles import get_profile
 
@@ -167,3 +169,70 @@ def test_dpo_trainer_step0_is_ln2_with_peft_config_and_no_ref_model(tmp_path, to
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert abs(metrics["eval_rewards/chosen"]) < 1e-4 and abs(metrics["eval_rewards/rejected"]) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation models (load_for_eval, free) and random stand-ins (the dry run's tiny Gemma, Gemma 7B's shape)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_rtx4090_evaluation_models_load_in_4bit_on_the_gpu():
+    kwargs = models.eval_load_kwargs(get_profile("rtx4090"), cuda=True)
+    quant = kwargs["quantization_config"]
+    assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and kwargs["dtype"] == torch.bfloat16
+    assert kwargs["device_map"] == {"": 0}
+
+
+def test_cpu_evaluation_models_are_exact_fp32_on_the_cpu():
+    assert models.eval_load_kwargs(PROFILE, cuda=False) == {"dtype": torch.float32}
+
+
+def test_an_unknown_eval_precision_is_named():
+    with pytest.raises(CourseError, match="eval_precision='int8' is not one of float32, bfloat16, 4bit"):
+        models.eval_load_kwargs(get_profile("cpu", eval_precision="int8"), cuda=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+def test_a_gpu_profile_refuses_to_load_an_evaluation_model_without_a_gpu():
+    with pytest.raises(CourseError, match="needs a CUDA GPU"):
+        models.load_for_eval(get_profile("rtx4090"))
+
+
+def test_dry_run_loads_its_tiny_evaluation_model_in_4bit_and_free_releases_it():
+    import bitsandbytes as bnb
+
+    model = models.load_for_eval(get_profile("rtx4090-dryrun"))
+    assert not model.training and model.config.hidden_size == 32
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 2 * 7
+    models.free(model)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+
+
+def test_the_tiny_model_is_built_once_into_the_cache():
+    first = models.ensure_tiny_model()
+    assert first == models.cache_dir() / models.TINY_DIR_NAME and (first / "tokenizer.json").is_file()
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert models.ensure_tiny_model() == first and (first / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_gemma_7b_config_has_the_presets_exact_shape():
+    config = models.gemma_7b_config()
+    assert ModelShape.from_config(config) == memory.shape_for("gemma-7b")
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size) == \
+        (3072, 24576, 28, 256000)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (16, 16, 256)
+
+
+def test_save_random_model_writes_a_checkpoint_the_course_loads_in_4bit(tmp_path):
+    """The Gemma 7B builder of the GPU tier, on the same function with tiny dimensions, on the CPU."""
+    import bitsandbytes as bnb
+
+    config = models.gemma_7b_config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=2, head_dim=16)
+    path = models.save_random_model(config, tmp_path / "random", device="cpu")
+    assert (path / "model.safetensors").is_file()
+    profile = get_profile("rtx4090-dryrun", model_id=str(path))
+    model = models.load_base_model(profile, path=path)
+    assert type(model).__name__ == "GemmaForCausalLM" and model.config.num_hidden_layers == 2
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 2 * 7
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16

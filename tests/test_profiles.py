@@ -29,7 +29,7 @@ def test_auto_picks_cpu_without_a_gpu(monkeypatch):
 
 
 def test_unknown_profile_names_the_valid_ones():
-    with pytest.raises(CourseError, match="cpu, rtx4090, auto"):
+    with pytest.raises(CourseError, match="cpu, rtx4090, rtx4090-dryrun, auto"):
         profiles.get_profile("nosuch")
 
 

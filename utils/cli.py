@@ -12,7 +12,7 @@ from accelerate import PartialState
 
 from utils import distributed, report, tracking
 from utils.errors import CourseError
-from utils.profiles import Profile, get_profile
+from utils.profiles import PROFILES, Profile, get_profile
 
 FIELD_TYPES = typing.get_type_hints(Profile)
 
@@ -56,7 +56,7 @@ def parse(argv: list[str] | None = None, description: str | None = None) -> tupl
         description=description, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any profile field can be overridden, e.g. --max_length 1024 --load_in_4bit false "
                "(fields: utils/profiles.py).")
-    parser.add_argument("--profile", default="auto", help="cpu, rtx4090 or auto (default)")
+    parser.add_argument("--profile", default="auto", help=f"{', '.join(PROFILES)} or auto (default)")
     parser.add_argument("--output_dir", default=None, help="default: outputs/<profile>/scripts")
     args, rest = parser.parse_known_args(argv)
     try:

@@ -38,7 +38,16 @@ PRESETS = {
                      vocab_size=256000, num_attention_heads=8, num_key_value_heads=1, head_dim=256),
     "gemma-7b": dict(model_type="gemma", hidden_size=3072, num_hidden_layers=28, intermediate_size=24576,
                      vocab_size=256000, num_attention_heads=16, num_key_value_heads=16, head_dim=256),
+    # the random stand-in of dry runs and tests (models.tiny_gemma_config), with the real 262k vocabulary
+    "gemma-3-tiny": dict(model_type="gemma3_text", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                         vocab_size=262144, num_attention_heads=2, num_key_value_heads=1, head_dim=16),
 }
+PRECISION_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # torch dtype names, as profiles spell them
+# Host RAM of a course process before any model: Python, torch with its CUDA libraries, tokenizer, datasets.
+# An allowance (a CPU process with the libraries and data loaded holds about 1.5 GiB; CUDA's libraries add more).
+PROCESS_HOST_BYTES = 3 * GIB
+GEN_BATCH = 8  # chat.generate's default batch of prompts
+GEN_PROMPT_TOKENS = 512  # allowance for one held-out prompt rendered by the chat template
 
 
 def _check(value: str, valid: Iterable[str], what: str) -> None:
@@ -84,7 +93,7 @@ class ModelShape:
 
 
 def shape_for(name: str) -> ModelShape:
-    """The shape of a preset model: gemma-3-270m, gemma-2b, gemma-7b, or generic-7b (the 7e9 rule of thumb)."""
+    """The shape of a preset model (PRESETS: gemma-3-270m, gemma-2b, gemma-7b, gemma-3-tiny), or generic-7b."""
     if name == "generic-7b":
         return GENERIC_7B
     _check(name, PRESETS, "model")
@@ -259,3 +268,85 @@ def check_fits(profile, free_gib: float | None, n_gpus: int = 1, strategy: str =
             "GPU, lower batch_size or max_length (e.g. get_profile(PROFILE, batch_size=1, max_length=1024)), "
             "shard the model over more GPUs (configs/accelerate/fsdp_qlora.yaml), or use the cpu profile."
         )
+
+
+def model_bytes(shape: ModelShape, precision: str) -> int:
+    """Weights of a model held for inference: "4bit" as QLoRA stores them (NF4, embedding in bf16), else dtype * P."""
+    if precision == "4bit":
+        return estimate(shape, "qlora").weights
+    _check(precision, PRECISION_BYTES, "precision")
+    return shape.n_params * PRECISION_BYTES[precision]
+
+
+def inference_bytes(shape: ModelShape, seq_len: int, max_new_tokens: int, el: int) -> int:
+    """Activations of evaluating one model: scoring a seq_len sequence (one layer's working set, the fp32 logits and
+    their log-softmax) plus the KV cache of generating for GEN_BATCH prompts."""
+    scoring = _activation_bytes(shape, seq_len, el, gradient_checkpointing=True)
+    cached_tokens = GEN_BATCH * (GEN_PROMPT_TOKENS + max_new_tokens)
+    return scoring + 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * cached_tokens * el
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    """What one step of the course holds at once, in bytes of GPU memory and of host RAM."""
+
+    where: str
+    step: str
+    gpu: int
+    host: int
+
+    def as_row(self) -> dict[str, str | float]:
+        """The step with its GPU and host memory in GiB (1 decimal), for a table."""
+        return {"where": self.where, "step": self.step, "gpu_gib": round(self.gpu / GIB, 1),
+                "host_gib": round(self.host / GIB, 1)}
+
+
+def plan(profile, cuda: bool | None = None) -> list[PlanStep]:
+    """GPU and host memory of each step of notebooks 02 and 04 (the scripts run the same steps) for a profile.
+
+    cuda: whether a CUDA GPU runs it; default: the profile needs one, or there is one (the trainers then use it).
+    The loading decisions are the ones models.py makes: models.eval_load_kwargs, models.merge_dtype.
+    """
+    import torch
+
+    from utils import models  # models imports this module
+    from utils.profiles import needs_gpu
+
+    cuda = (needs_gpu(profile) or torch.cuda.is_available()) if cuda is None else cuda
+    shape = shape_for_profile(profile)
+    stream = shape.n_embed_params * 4  # the largest tensor, read or written at once while loading or saving (fp32)
+
+    def held(where: str, step: str, device_bytes: int, on_gpu: bool) -> PlanStep:
+        if on_gpu:
+            return PlanStep(where, step, device_bytes, PROCESS_HOST_BYTES + stream)
+        return PlanStep(where, step, 0, PROCESS_HOST_BYTES + device_bytes)
+
+    lora = dict(lora_r=profile.lora_r, gradient_checkpointing=profile.gradient_checkpointing)
+    dpo = estimate(shape, "qlora" if profile.load_in_4bit else "lora", batch_size=2 * profile.dpo_batch_size,
+                   seq_len=profile.max_length, **lora)  # chosen and rejected; no token rows in DPO's adapter
+    merge_dtype = str(models.merge_dtype(profile)).removeprefix("torch.")
+    merge = model_bytes(shape, merge_dtype) + stream
+    eval_kwargs = models.eval_load_kwargs(profile, cuda)
+    eval_el = eval_kwargs["dtype"].itemsize
+    evaluation = (model_bytes(shape, profile.eval_precision)
+                  + inference_bytes(shape, profile.max_length, profile.max_new_tokens, eval_el))
+    return [
+        held("02, scripts/sft.py", f"SFT: base in 4-bit with LoRA{' and turn-token rows' * profile.train_turn_tokens}"
+             f", batch {profile.batch_size} x {profile.max_length} tokens; generation with it",
+             estimate_profile(profile).total, cuda),
+        held("04, scripts/dpo.py", f"merge the SFT adapter into the base in {merge_dtype}, on the CPU", merge, False),
+        held("04, scripts/dpo.py", f"DPO: merged model in 4-bit with LoRA, {profile.dpo_batch_size} pair(s) x "
+             f"{profile.max_length} tokens; the reference is the same weights with the adapter disabled",
+             dpo.total, cuda),
+        held("04, scripts/dpo.py", f"merge the DPO adapter in {merge_dtype}, on the CPU", merge, False),
+        held("04", f"evaluation: base, SFT and DPO models one at a time (models.load_for_eval, "
+             f"{profile.eval_precision}), each freed after use", evaluation, "device_map" in eval_kwargs),
+    ]
+
+
+def describe_plan(profile, cuda: bool | None = None) -> str:
+    """The plan as a markdown table with its peaks."""
+    steps = plan(profile, cuda)
+    peaks = (f"peaks: GPU {max(s.gpu for s in steps) / GIB:.1f} GiB, host {max(s.host for s in steps) / GIB:.1f} GiB "
+             f"(profile {profile.name})")
+    return to_markdown([s.as_row() for s in steps]) + "\n" + peaks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -16,16 +17,20 @@ from transformers import (
     BitsAndBytesConfig,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GemmaConfig,
     PreTrainedModel,
 )
 
 from utils import distributed, recipes
 from utils.errors import CourseError
-from utils.memory import check_fits
-from utils.profiles import Profile, uses_embedded_model
+from utils.memory import PRESETS, check_fits
+from utils.profiles import Profile, needs_gpu, uses_embedded_model, uses_tiny_model
 
 CACHE_ENV = "COURSE_CACHE"
 EMBEDDED_DIR_NAME = "gemma-3-270m-base"
+TINY_DIR_NAME = "gemma-3-tiny-random"
+EVAL_PRECISIONS = ("float32", "bfloat16", "4bit")
+SHARD_SIZE = "2GB"  # checkpoints are written (and their bytes gathered on the host) one shard of this size at a time
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -85,12 +90,36 @@ def ensure_embedded_model() -> Path:
     return target
 
 
+def _preset(name: str) -> dict:
+    """A memory.PRESETS entry as config arguments (without its model_type)."""
+    return {k: v for k, v in PRESETS[name].items() if k != "model_type"}
+
+
 def tiny_gemma_config(**overrides) -> Gemma3TextConfig:
-    """A 2-layer Gemma 3 with the real 262k vocabulary: seconds to run, same token ids."""
-    values = dict(vocab_size=262144, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
-                  sliding_window=64, pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True)
+    """A 2-layer Gemma 3 (memory.PRESETS "gemma-3-tiny") with the real 262k vocabulary: seconds to run, same ids."""
+    values = dict(**_preset("gemma-3-tiny"), max_position_embeddings=512, sliding_window=64, pad_token_id=0,
+                  eos_token_id=1, bos_token_id=2, tie_word_embeddings=True)
     return Gemma3TextConfig(**{**values, **overrides})
+
+
+def gemma_7b_config(**overrides) -> GemmaConfig:
+    """google/gemma-7b's configuration (memory.PRESETS "gemma-7b", GELU-tanh, 8k positions); overrides shrink it."""
+    values = dict(**_preset("gemma-7b"), hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
+                  rms_norm_eps=1e-6, rope_theta=10000.0, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                  tie_word_embeddings=True)
+    return GemmaConfig(**{**values, **overrides})
+
+
+def save_random_model(config, out_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.bfloat16,
+                      seed: int = 0) -> Path:
+    """Save a causal LM of `config` with random weights, created on `device` in `dtype` (a 7B model: 16 GiB in bf16
+    on the GPU, never in fp32 on the host), shard by shard; a stand-in for a checkpoint that cannot be downloaded."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=SHARD_SIZE)
+    free(model)
+    return Path(out_dir)
 
 
 def save_tiny_gemma(out_dir: str | Path, seed: int = 0) -> Path:
@@ -102,9 +131,28 @@ def save_tiny_gemma(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def ensure_tiny_model() -> Path:
+    """Return the folder of the tiny random Gemma of dry runs (save_tiny_gemma, seed 0), building it on first use."""
+    target = cache_dir() / TINY_DIR_NAME
+    if _is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        save_tiny_gemma(tmp / "checkpoint")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp / "checkpoint", target)  # atomic: a killed run never leaves half a checkpoint
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def model_source(profile: Profile) -> str:
     """The path or Hub id that from_pretrained should read for this profile's base model."""
-    return str(ensure_embedded_model()) if uses_embedded_model(profile) else profile.model_id
+    if uses_embedded_model(profile):
+        return str(ensure_embedded_model())
+    return str(ensure_tiny_model()) if uses_tiny_model(profile) else profile.model_id
 
 
 def load_tokenizer(profile: Profile):
@@ -131,18 +179,22 @@ def guard_cpu_4bit(model: torch.nn.Module) -> int:
     return len(layers)
 
 
-def check_device(profile: Profile) -> None:
-    """Raise CourseError when a GPU profile runs without a CUDA GPU, or with too little free GPU memory."""
-    if uses_embedded_model(profile) or Path(profile.model_id).is_dir():
-        return  # the embedded model, or a local checkpoint (e.g. save_tiny_gemma's), may run on the CPU
-    if not torch.cuda.is_available():
+def require_gpu(profile: Profile) -> None:
+    """Raise CourseError when the profile's model needs a CUDA GPU (profiles.needs_gpu) and PyTorch sees none."""
+    if needs_gpu(profile) and not torch.cuda.is_available():
         raise CourseError(
             f"Profile {profile.name!r} trains {profile.model_id} and needs a CUDA GPU, but PyTorch sees none. "
             "Use PROFILE='cpu' (or 'auto', which picks cpu here), or check the GPU driver with `nvidia-smi` and "
             "that torch is a CUDA build (`python -c 'import torch; print(torch.version.cuda)'`)."
         )
-    free, _ = torch.cuda.mem_get_info()
-    check_fits(profile, free / 2**30, distributed.world_size(), distributed.strategy())
+
+
+def check_device(profile: Profile) -> None:
+    """Raise CourseError when a GPU profile runs without a CUDA GPU, or with too little free GPU memory to train."""
+    require_gpu(profile)
+    if needs_gpu(profile):  # the built-in models and local checkpoints (e.g. save_tiny_gemma's) may run on the CPU
+        free_bytes, _ = torch.cuda.mem_get_info()
+        check_fits(profile, free_bytes / 2**30, distributed.world_size(), distributed.strategy())
 
 
 def load_base_model(profile: Profile, path: str | Path | None = None, quantize: bool | None = None,
@@ -225,17 +277,51 @@ def load_full_precision(profile: Profile, path: str | Path | None = None) -> Pre
     )
 
 
+def eval_load_kwargs(profile: Profile, cuda: bool) -> dict:
+    """from_pretrained arguments of an evaluation model: the profile's eval_precision, on the GPU when cuda.
+
+    float32: exact (the small cpu model); bfloat16: half of that; 4bit: NF4 as in training (Gemma 7B: 5.6 GiB).
+    """
+    if profile.eval_precision not in EVAL_PRECISIONS:
+        raise CourseError(f"eval_precision={profile.eval_precision!r} is not one of {', '.join(EVAL_PRECISIONS)}.")
+    if profile.eval_precision == "4bit":
+        kwargs: dict = {"quantization_config": recipes.quantization_config(profile), "dtype": compute_dtype(profile)}
+    else:
+        kwargs = {"dtype": getattr(torch, profile.eval_precision)}
+    if cuda:
+        kwargs["device_map"] = {"": 0}  # the first GPU; evaluation runs in one process
+    return kwargs
+
+
+def load_for_eval(profile: Profile, path: str | Path | None = None) -> PreTrainedModel:
+    """The base model (or the checkpoint at path) for evaluation and generation, in eval mode: the profile's
+    eval_precision, on the GPU when there is one. Hold one at a time; `free` it before loading the next."""
+    require_gpu(profile)
+    kwargs = eval_load_kwargs(profile, torch.cuda.is_available())
+    model = AutoModelForCausalLM.from_pretrained(str(path or model_source(profile)), use_safetensors=True, **kwargs)
+    return model.eval()
+
+
+def free(model: torch.nn.Module) -> None:
+    """Release a model's memory now: its weights become empty meta tensors (so a reference left anywhere holds no
+    memory), then Python's garbage and PyTorch's CUDA cache are collected. The model is unusable afterwards."""
+    model.to_empty(device="meta")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def merge_adapter(profile: Profile, adapter_dir: str | Path, out_dir: str | Path,
                   base_path: str | Path | None = None) -> Path:
-    """Merge a LoRA adapter (token rows included) into unquantized weights on the CPU and save them."""
+    """Merge a LoRA adapter (token rows included) into unquantized weights on the CPU and save them shard by shard."""
     base = load_full_precision(profile, base_path)
     n_params = sum(p.numel() for p in base.parameters())
-    print(f"Merging on the CPU in {merge_dtype(profile)}: needs about "
-          f"{2.2 * n_params * base.dtype.itemsize / 2**30:.1f} GiB of RAM.")
+    print(f"Merging on the CPU in {merge_dtype(profile)}: the model takes "
+          f"{n_params * base.dtype.itemsize / 2**30:.1f} GiB of RAM (memory.plan has the whole step).")
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
-    merged.save_pretrained(tmp, safe_serialization=True)
+    merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=SHARD_SIZE)
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -9,6 +9,7 @@ from utils.errors import CourseError
 from utils.precision import choose_compute_dtype
 
 EMBEDDED_MODEL_ID = "embedded:google/gemma-3-270m"
+TINY_MODEL_ID = "tiny:random-gemma-3"  # a 2-layer random Gemma 3, built once into the model cache (models.py)
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 MIN_GPU_GIB_FOR_RTX4090 = 20.0
 
@@ -21,6 +22,7 @@ class Profile:
     model_id: str
     model_shape: str | None  # a memory.PRESETS name for the estimator; None: read the model's config
     merge_dtype: str  # the dtype adapters are merged in on the CPU: float32 (exact) or bfloat16 (half the RAM)
+    eval_precision: str  # evaluation models (models.load_for_eval): float32, bfloat16, or 4bit (NF4)
     load_in_4bit: bool
     compute_dtype: str
     max_length: int
@@ -61,6 +63,7 @@ PROFILES: dict[str, Profile] = {
         model_id=EMBEDDED_MODEL_ID,
         model_shape="gemma-3-270m",
         merge_dtype="float32",  # a small model: merge exactly
+        eval_precision="float32",  # a small model: compare base, SFT and DPO exactly
         load_in_4bit=True,
         compute_dtype="auto",  # bf16 where the CPU computes it natively (AVX512-BF16, AMX), else fp32
         max_length=256,
@@ -98,6 +101,7 @@ PROFILES: dict[str, Profile] = {
         model_id="google/gemma-7b",
         model_shape="gemma-7b",
         merge_dtype="bfloat16",  # 17 GiB of RAM for the merge instead of 34
+        eval_precision="4bit",  # on the GPU, one model at a time: 5.6 GiB each (bf16: 16 GiB), see memory.plan
         load_in_4bit=True,
         compute_dtype="bfloat16",
         max_length=2048,
@@ -131,6 +135,29 @@ PROFILES: dict[str, Profile] = {
         seed=42,
     ),
 }
+
+
+# The rtx4090 path that CI can execute: its settings (batch 1 x 16 accumulation, no padding-free batches, max_length
+# 2048, bf16 compute and merge, 4-bit evaluation, dropout, trackio, a checkpoint and an evaluation mid-run) on a tiny
+# random Gemma and a few shipped rows, with step counts that run each notebook in about a minute on 2 CPU cores.
+PROFILES["rtx4090-dryrun"] = replace(
+    PROFILES["rtx4090"],
+    name="rtx4090-dryrun",
+    model_id=TINY_MODEL_ID,
+    model_shape="gemma-3-tiny",
+    sft_data=str(DATA_DIR / "ultrachat_mini"),
+    pref_data=str(DATA_DIR / "ultrafeedback_mini"),
+    sft_train_rows=64,  # 4 steps x 16 conversations
+    sft_eval_rows=4,
+    pref_train_rows=32,  # 2 steps x 16 pairs
+    pref_eval_rows=4,
+    pref_acc_rows=4,
+    sft_steps=4,
+    dpo_steps=2,
+    save_steps=2,  # a checkpoint mid-run, as every 100 of 600 steps
+    max_new_tokens=16,
+    n_gen_prompts=4,
+)
 
 
 def gpu_memory_gib() -> float | None:
@@ -180,6 +207,16 @@ def get_profile(name: str = "auto", **overrides) -> Profile:
 def uses_embedded_model(profile: Profile) -> bool:
     """Whether the profile trains the Gemma 3 270M base shipped through PyPI (converted locally, no Hub)."""
     return profile.model_id == EMBEDDED_MODEL_ID
+
+
+def uses_tiny_model(profile: Profile) -> bool:
+    """Whether the profile trains the tiny random Gemma stand-in (the dry run of a GPU profile)."""
+    return profile.model_id == TINY_MODEL_ID
+
+
+def needs_gpu(profile: Profile) -> bool:
+    """Whether the profile's model needs a CUDA GPU: a Hub model; the built-in ones and local folders run on a CPU."""
+    return not (uses_embedded_model(profile) or uses_tiny_model(profile) or Path(profile.model_id).is_dir())
 
 
 def check_parameters(namespace: dict, known: list[str]) -> None:
