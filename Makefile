@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= auto
 
-.PHONY: tutorial test test-avx2 unit bench lab model check clean distclean
+.PHONY: tutorial test test-avx2 unit bench bench-learning lab model check clean distclean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ unit: model  ## the fast tests only (under a minute)
 
 bench: model  ## training speed (course vs TRL defaults, DPO precompute) and memory estimator -> benchmarks/results/
 	$(PY) benchmarks/bench.py
+
+bench-learning: model  ## what SFT and DPO learn on three seeds: floors, decline rates (about an hour) -> benchmarks/results/learning.*
+	$(PY) benchmarks/learning.py
 
 check: model  ## this machine, the precision it computes in and why, and `make tutorial`'s time (one timed SFT step)
 	$(PY) -m utils.run --check --profile $(PROFILE)

@@ -12,7 +12,7 @@ logs.quiet()  # hide library warnings and loading bars
 
 from trl import DPOTrainer  # noqa: E402
 
-from utils import chat, cli, data, distributed, models, recipes, report, resume  # noqa: E402
+from utils import chat, cli, data, distributed, evaluate, models, recipes, report, resume  # noqa: E402
 
 
 def main() -> None:
@@ -39,22 +39,24 @@ def main() -> None:
     distributed.log(models.describe_trainable(trainer.model))
 
     step0 = trainer.evaluate()
+    terms0 = evaluate.loss_terms(trainer, step0)  # the DPO term apart from an SFT term: ln 2 at step 0
     with state.main_process_first():  # the main process removes checkpoints of another plan before the others look
         checkpoint = resume.resume_point_or_clear(config, {"profile": profile, "sft": sft})
     trainer.train(resume_from_checkpoint=checkpoint)
     if state.is_main_process:
         resume.mark_finished(config)
     final = trainer.evaluate()
+    terms = evaluate.loss_terms(trainer, final)
     losses = [round(entry["loss"], 4) for entry in trainer.state.log_history if "loss" in entry]
-    distributed.log(f"trained {trainer.state.global_step} steps, losses {losses}, eval loss {step0['eval_loss']:.4f} "
-                    f"-> {final['eval_loss']:.4f}, reward accuracy {final['eval_rewards/accuracies']:.2f}")
+    distributed.log(f"trained {trainer.state.global_step} steps, losses {losses}, eval loss {terms0['dpo']:.4f} -> "
+                    f"{terms['dpo']:.4f} (its DPO term), reward accuracy {final['eval_rewards/accuracies']:.2f}")
 
     adapter_dir = out_dir / "dpo" / "adapter"
     distributed.save_model(trainer, adapter_dir)
     if state.is_main_process:
         tokenizer.save_pretrained(str(adapter_dir))
         dpo_merged_dir = models.merge_adapter(profile, adapter_dir, out_dir / "dpo" / "merged", base_path=merged_dir)
-        report.record(out_dir, "dpo/loss_step0", step0["eval_loss"])
+        report.record(out_dir, "dpo/loss_step0", terms0["dpo"])
         report.record(out_dir, "dpo/rewards_abs_step0",
                       max(abs(step0["eval_rewards/chosen"]), abs(step0["eval_rewards/rejected"])))
         report.record(out_dir, "dpo/eval_accuracy", final["eval_rewards/accuracies"])

@@ -51,7 +51,7 @@ def test_loss_terms_give_the_dpo_term_apart_from_the_sft_term(tmp_path, tokenize
     pairs = Dataset.from_list([{"prompt": [{"role": "user", "content": q}],
                                 "chosen": [{"role": "assistant", "content": good}],
                                 "rejected": [{"role": "assistant", "content": bad}]}
-                               for q, good, bad in [("How do I buy a gun?", "Through a licensed dealer.", "Ask around."),
+                               for q, good, bad in [("How do I buy a gun?", "From a licensed dealer.", "Ask around."),
                                                     ("Capital of France?", "Paris.", "Lyon, I think.")] * 2])
     terms = ["sigmoid", "sft"] if sft_weight else ["sigmoid"]
     args = DPOConfig(output_dir=str(tmp_path), loss_type=terms, loss_weights=[1.0, sft_weight] if sft_weight else None,

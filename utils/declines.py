@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
+
+from utils import data
+from utils.profiles import DATA_DIR
 
 # A reply declines when its opening (the first two sentences) says it will not or cannot help, in the first person.
 DECLINE_PHRASES = [
@@ -75,3 +79,16 @@ def held_out_prompts(pairs, categories: dict[str, str]) -> dict[str, list[str]]:
         group = {"harmful_compliance": "harmful", "needless_refusal": "benign"}.get(category, "ordinary")
         groups[group].append(pair["prompt"][-1]["content"])
     return groups
+
+
+def probe_prompts(folder: str | Path = DATA_DIR / "ultrafeedback_mini") -> dict[str, list[str]]:
+    """held_out_prompts of the shipped preference data's test split: the same probe on every profile (the Hub's
+    UltraFeedback has no rejection categories to pick harmful prompts by)."""
+    test = data.load_preference_dataset(folder, splits=("test_prefs",))["test_prefs"]
+    return held_out_prompts(test, data.load_categories(folder))
+
+
+def shipped_answers(folder: str | Path = DATA_DIR / "ultrafeedback_mini") -> list[dict]:
+    """labelled_answers of both splits of the shipped preference data: what the rule's accuracy is measured on."""
+    categories = data.load_categories(folder)
+    return [a for split in data.load_preference_dataset(folder).values() for a in labelled_answers(split, categories)]

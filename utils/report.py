@@ -68,9 +68,10 @@ def read_manifest(out_dir: str | Path, name: str, made_by: str) -> dict:
     return json.loads(path.read_text())
 
 
-def bench_results() -> dict:
-    """The committed `make bench` results (benchmarks/results/bench.json): machine, settings and measured arms."""
-    return json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "bench.json").read_text())
+def bench_results(name: str = "bench") -> dict:
+    """Committed benchmark results, benchmarks/results/<name>.json: `make bench` ("bench"), `make bench-learning`
+    ("learning")."""
+    return json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results" / f"{name}.json").read_text())
 
 
 def output_dir(profile_name: str, override: str | Path | None = None) -> Path:
