@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= auto
 
-.PHONY: tutorial test test-avx2 unit bench bench-learning lab model check clean distclean
+.PHONY: tutorial test test-avx2 unit gpu-check bench bench-learning lab model check clean distclean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,13 +30,16 @@ test-avx2: model  ## the slow tier (real training runs) again on a reproduced AV
 unit: model  ## the fast tests only (under a minute)
 	$(PY) -m pytest -m "not notebook and not slow"
 
+gpu-check: model  ## on a CUDA GPU: the course on the GPU, Gemma 7B's shape in 24 GiB (outputs/gpu_check/); skipped without one
+	$(PY) -m pytest -m gpu
+
 bench: model  ## training speed (course vs TRL defaults, DPO precompute) and memory estimator -> benchmarks/results/
 	$(PY) benchmarks/bench.py
 
 bench-learning: model  ## what SFT and DPO learn on three seeds: floors, decline rates (about an hour) -> benchmarks/results/learning.*
 	$(PY) benchmarks/learning.py
 
-check: model  ## this machine, the precision it computes in and why, and `make tutorial`'s time (one timed SFT step)
+check: model  ## this machine, the precision it computes in and why, `make tutorial`'s time (one timed SFT step), the memory plan
 	$(PY) -m utils.run --check --profile $(PROFILE)
 
 lab: model  ## Jupyter Lab with the course's kernel, as root or not; prints the address to open (LAB_ARGS="--ip 0.0.0.0")

@@ -49,6 +49,15 @@ def test_check_reports_machine_precision_and_a_timed_forecast():
     assert info["sft_step_seconds"] > 0 and info["predicted_course_minutes"] > info["sft_step_seconds"] / 60
 
 
+def test_check_prints_the_rtx4090_memory_plan_within_one_24_gib_gpu_and_a_32_gib_host():
+    result = _cli("--check", "--profile", "rtx4090")  # no timed step: there is no measured forecast for a GPU yet
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)["memory_plan"]
+    assert [row["where"] for row in plan] == ["02, scripts/sft.py", *["04, scripts/dpo.py"] * 3, "04"]
+    assert all(row["gpu_gib"] <= 24 and row["host_gib"] <= 32 for row in plan), plan
+    assert "4bit" in plan[-1]["step"] and plan[-1]["gpu_gib"] > 0
+
+
 def _notebook(path: Path, code: str) -> None:
     nb = nbformat.v4.new_notebook()
     params = nbformat.v4.new_code_cell('PROFILE = "auto"\nOUTPUT_DIR = None')

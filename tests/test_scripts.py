@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from dry_run import PROFILE as DRY_RUN
+from dry_run import check_trained_like_rtx4090, stored_dtypes
 
-from utils import models
+from utils import models, report
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "accelerate" / "multi_gpu.yaml"  # the shipped DDP file; without a GPU it runs on gloo
@@ -217,3 +219,33 @@ def test_trackio_dashboard_holds_the_logged_metrics_offline(tracked_runs):
     dpo_rows = next(rows for name, rows in runs.items() if name.startswith("dpo-"))
     for metric in ("train/rewards/margins", "train/rewards/chosen", "train/logps/chosen", "eval/rewards/accuracies"):
         assert sum(metric in r for r in dpo_rows) == 2, metric  # 2 steps; 2 evaluations (before and after)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The rtx4090 path on the CPU: both scripts under the rtx4090-dryrun profile (tiny random Gemma, shipped rows)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dry_run_scripts(tmp_path_factory) -> tuple[str, str, Path]:
+    """(stdout of sft.py, stdout of dpo.py, output folder) of one-process runs under the dry-run profile."""
+    out_dir = tmp_path_factory.mktemp("dry_run") / "out"
+    args = ["--profile", DRY_RUN, "--output_dir", str(out_dir)]
+    return run_script("sft.py", args), run_script("dpo.py", args), out_dir
+
+
+@pytest.mark.slow
+def test_sft_script_takes_the_gpu_profiles_branches(dry_run_scripts):
+    sft_out, _, out_dir = dry_run_scripts
+    check_trained_like_rtx4090(report.read_manifest(out_dir, "sft", made_by="scripts/sft.py"), "sft")
+    assert "effective batch 1 x 16 x 1 processes = 16 conversations per step" in sft_out
+    assert "max_length=2048, 32 train_sft conversations: 0 dropped" in sft_out, sft_out
+
+
+@pytest.mark.slow
+def test_dpo_script_takes_the_gpu_profiles_branches_and_merges_in_bf16(dry_run_scripts):
+    _, dpo_out, out_dir = dry_run_scripts
+    manifest = report.read_manifest(out_dir, "dpo", made_by="scripts/dpo.py")
+    check_trained_like_rtx4090(manifest, "dpo")
+    assert "Merging on the CPU in torch.bfloat16" in dpo_out
+    assert stored_dtypes(out_dir / "sft" / "merged") == stored_dtypes(Path(manifest["merged_dir"])) == {"BF16"}

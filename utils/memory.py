@@ -249,6 +249,19 @@ def estimate_profile(profile) -> MemoryEstimate:
     )
 
 
+def estimate_dpo_profile(profile) -> MemoryEstimate:
+    """Training memory of a profile's DPO run: chosen and rejected of each pair at max_length, the new LoRA (no token
+    rows); the reference is the same weights with the adapter disabled, its log-probs computed before the policy's."""
+    return estimate(
+        shape_for_profile(profile),
+        "qlora" if profile.load_in_4bit else "lora",
+        batch_size=2 * profile.dpo_batch_size,
+        seq_len=profile.max_length,
+        lora_r=profile.lora_r,
+        gradient_checkpointing=profile.gradient_checkpointing,
+    )
+
+
 def describe_profile(profile, budget_gib: float = 24.0) -> str:
     """One paragraph: the profile's estimated training memory by component, and whether it fits the budget."""
     est = estimate_profile(profile)
@@ -321,9 +334,6 @@ def plan(profile, cuda: bool | None = None) -> list[PlanStep]:
             return PlanStep(where, step, device_bytes, PROCESS_HOST_BYTES + stream)
         return PlanStep(where, step, 0, PROCESS_HOST_BYTES + device_bytes)
 
-    lora = dict(lora_r=profile.lora_r, gradient_checkpointing=profile.gradient_checkpointing)
-    dpo = estimate(shape, "qlora" if profile.load_in_4bit else "lora", batch_size=2 * profile.dpo_batch_size,
-                   seq_len=profile.max_length, **lora)  # chosen and rejected; no token rows in DPO's adapter
     merge_dtype = str(models.merge_dtype(profile)).removeprefix("torch.")
     merge = model_bytes(shape, merge_dtype) + stream
     eval_kwargs = models.eval_load_kwargs(profile, cuda)
@@ -337,7 +347,7 @@ def plan(profile, cuda: bool | None = None) -> list[PlanStep]:
         held("04, scripts/dpo.py", f"merge the SFT adapter into the base in {merge_dtype}, on the CPU", merge, False),
         held("04, scripts/dpo.py", f"DPO: merged model in 4-bit with LoRA, {profile.dpo_batch_size} pair(s) x "
              f"{profile.max_length} tokens; the reference is the same weights with the adapter disabled",
-             dpo.total, cuda),
+             estimate_dpo_profile(profile).total, cuda),
         held("04, scripts/dpo.py", f"merge the DPO adapter in {merge_dtype}, on the CPU", merge, False),
         held("04", f"evaluation: base, SFT and DPO models one at a time (models.load_for_eval, "
              f"{profile.eval_precision}), each freed after use", evaluation, "device_map" in eval_kwargs),

@@ -280,7 +280,7 @@ def load_full_precision(profile: Profile, path: str | Path | None = None) -> Pre
 def eval_load_kwargs(profile: Profile, cuda: bool) -> dict:
     """from_pretrained arguments of an evaluation model: the profile's eval_precision, on the GPU when cuda.
 
-    float32: exact (the small cpu model); bfloat16: half of that; 4bit: NF4 as in training (Gemma 7B: 5.6 GiB).
+    float32: exact (the small cpu model); bfloat16: half of that; 4bit: NF4 as in training (Gemma 7B: 5.2 GiB).
     """
     if profile.eval_precision not in EVAL_PRECISIONS:
         raise CourseError(f"eval_precision={profile.eval_precision!r} is not one of {', '.join(EVAL_PRECISIONS)}.")

@@ -36,7 +36,7 @@ def training_flops_per_token(shape: ModelShape) -> float:
     return 6.0 * shape.matmul_params
 
 
-class _StepTimer(TrainerCallback):
+class StepTimer(TrainerCallback):
     """Wall seconds of every optimizer step."""
 
     def __init__(self):
@@ -58,7 +58,7 @@ def time_sft_step(profile: Profile, steps: int = 2) -> float:
         profile.sft_data, max_rows=steps * profile.batch_size * profile.grad_accum))
     model = models.add_lora(models.load_base_model(profile), recipes.lora_config(profile, tokenizer),
                             gradient_checkpointing=profile.gradient_checkpointing)
-    timer = _StepTimer()
+    timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
         config = recipes.sft_config(profile, out, max_steps=steps, save_strategy="no", eval_strategy="no",
                                     disable_tqdm=True)
