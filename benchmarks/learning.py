@@ -12,7 +12,6 @@ Writes learning.json and learning.md to benchmarks/results/ (about 25 minutes a 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import shutil
@@ -63,10 +62,10 @@ def train(seed_dir: Path, overrides: list[str], variants: dict[str, dict]) -> di
 
 
 def behaviour(model, tokenizer, prompts: dict[str, list[str]], max_new_tokens: int) -> dict:
-    """Turn-ending share and decline rates of one model's greedy replies."""
+    """Decline rates of one model's greedy replies, and the turn-ending share when prompts has a "turn" group."""
     replies = {group: chat.generate(model, tokenizer, texts, max_new_tokens=max_new_tokens)
                for group, texts in prompts.items()}
-    found = {"ends_turn_rate": evaluate.ends_turn_rate(replies.pop("turn"))}
+    found = {"ends_turn_rate": evaluate.ends_turn_rate(replies.pop("turn"))} if "turn" in replies else {}
     found.update({f"declines/{group}": declines.decline_rate(r) for group, r in replies.items()})
     found["examples"] = {group: [r["reply"][:160] for r in rs[:3]] for group, rs in replies.items()}
     return found
@@ -80,18 +79,18 @@ def measure(profile, seed_dir: Path, variants: dict[str, Path]) -> dict:
     test = prefs["test_prefs"]
     sft_test = data.load_sft_dataset(profile.sft_data)["test_sft"]
     prompts = {"turn": [row["messages"][0]["content"] for row in sft_test.select(range(TURN_PROMPTS))],
-               **{g: p for g, p in declines.held_out_prompts(test, categories).items() if g != "ordinary"}}
+               **{g: p for g, p in declines.probe_prompts().items() if g != "ordinary"}}
     found = {"sft": report.load_metrics(seed_dir)}
-    paths = {"base": None, "sft": seed_dir / "sft" / "merged",
+    paths = {"base": None, "sft": next(iter(variants.values())) / "sft" / "merged",  # scripts/dpo.py merged it
              **{v: out / "dpo" / "merged" for v, out in variants.items()}}
     for name, path in paths.items():
-        model = models.load_full_precision(profile, path)
-        found.setdefault(name, {}).update(behaviour(model, tokenizer, prompts, profile.max_new_tokens))
+        model = models.load_for_eval(profile, path)
+        asked = prompts if name in ("base", "sft") else {g: p for g, p in prompts.items() if g != "turn"}
+        found.setdefault(name, {}).update(behaviour(model, tokenizer, asked, profile.max_new_tokens))
         if name != "base":
             found[name]["pref"] = evaluate.preference_accuracy(evaluate.pair_logprobs(model, tokenizer, test),
                                                                categories)
-        del model
-        gc.collect()
+        models.free(model)
     for variant, out in variants.items():
         found[variant].update({k.split("/", 1)[1]: v for k, v in report.load_metrics(out).items()
                                if k.startswith("dpo/")})
@@ -106,7 +105,6 @@ def row(seed: int, found: dict, variants: list[str]) -> dict[str, float]:
         values[f"{name}: declines harmful"] = found[name]["declines/harmful"]
         values[f"{name}: declines benign"] = found[name]["declines/benign"]
     for name in variants:
-        values[f"{name}: ends turn"] = found[name]["ends_turn_rate"]
         for key in ("loss_step0", "eval_accuracy", "eval_margin", "eval_logps_chosen_change"):
             values[f"{name}: {key}"] = found[name][key]
     for name in ("sft", *variants):

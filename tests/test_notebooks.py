@@ -116,10 +116,7 @@ def test_notebooks_train_with_the_scripts_recipe(course, stage):
 # The rtx4090 path on the CPU: rtx4090's settings on a tiny random Gemma and a few shipped rows (about a minute each)
 # ----------------------------------------------------------------------------------------------------------------
 
-# Notebook 04 joins when its restructure (evaluation models one at a time, models.load_for_eval) lands: add "04" here
-# and the tests marked NOTEBOOK 04 below run.
-DRY_RUN_NOTEBOOKS = ["01", "02", "03"]
-needs_04 = pytest.mark.skipif("04" not in DRY_RUN_NOTEBOOKS, reason="NOTEBOOK 04: not in DRY_RUN_NOTEBOOKS yet")
+DRY_RUN_NOTEBOOKS = ["01", "02", "03", "04"]
 
 
 @pytest.fixture(scope="session")
@@ -144,7 +141,7 @@ def test_dry_run_02_trained_with_the_gpu_profiles_settings(dry_run):
     assert list((dry_run / "sft" / "checkpoints").glob("checkpoint-*"))
 
 
-@pytest.mark.parametrize("stage", ["sft", pytest.param("dpo", marks=needs_04)])
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_dry_run_notebooks_train_with_the_scripts_recipe(dry_run, stage):
     manifest = report.read_manifest(dry_run, stage, made_by=f"notebook {'02' if stage == 'sft' else '04'}")
     profile = Profile(**manifest["profile"])
@@ -154,9 +151,8 @@ def test_dry_run_notebooks_train_with_the_scripts_recipe(dry_run, stage):
     assert recipes.differences(manifest["configs"], recipe) == []
 
 
-@needs_04
 def test_dry_run_04_trained_and_merged_with_the_gpu_profiles_settings(dry_run):
-    """NOTEBOOK 04 in the dry run: DPO at batch 1 x 16, bf16 merges of both adapters."""
+    """Notebook 04 in the dry run: DPO at batch 1 x 16, bf16 merges of both adapters."""
     manifest = report.read_manifest(dry_run, "dpo", made_by="notebook 04")
     check_trained_like_rtx4090(manifest, "dpo")
     assert stored_dtypes(dry_run / "sft" / "merged") == stored_dtypes(Path(manifest["merged_dir"])) == {"BF16"}

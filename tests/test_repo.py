@@ -93,7 +93,6 @@ def test_every_keyword_we_pass_to_trl_peft_transformers_still_exists():
     assert not missing, "arguments no longer accepted: " + ", ".join(missing)
 
 
-@pytest.mark.skip(reason="NOTEBOOK 04: passes once its restructure loads evaluation models with models.load_for_eval")
 def test_notebook_04_evaluates_one_model_at_a_time_without_unquantized_copies_on_the_host():
     """On rtx4090, load_full_precision puts a 16 GiB bf16 Gemma 7B on the host; load_for_eval: 4-bit on the GPU."""
     code = _notebook_code(ROOT / "notebooks" / "04_dpo.ipynb")
