@@ -183,16 +183,16 @@ def main() -> None:
         folders = train(seed_dir, [*overrides, "--seed", str(seed)], args.variants)
         details[seed] = measure(profile, seed_dir, folders)
         rows.append(row(seed, details[seed], list(folders)))
-        print(json.dumps(rows[-1], indent=1), flush=True)
-    result = {"machine": machine(), "settings": {"profile": "cpu", "overrides": overrides, "variants": args.variants,
-                                                 "course variant": course, "seeds": args.seeds},
-              "rule": {k: v for k, v in rule.items() if k != "wrong"}, "rows": rows, "summary": summarise(rows),
-              "checks": checks(rows, course) if course else {}, "details": details,
-              "minutes": (time.time() - start) / 60}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "learning.json").write_text(json.dumps(result, indent=1, default=str))
-    (args.out / "learning.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+        result = {"machine": machine(), "settings": {"profile": "cpu", "overrides": overrides,
+                                                     "variants": args.variants, "course variant": course,
+                                                     "seeds": [r["seed"] for r in rows]},
+                  "rule": {k: v for k, v in rule.items() if k != "wrong"}, "rows": rows, "summary": summarise(rows),
+                  "checks": checks(rows, course) if course else {}, "details": details,
+                  "minutes": (time.time() - start) / 60}
+        args.out.mkdir(parents=True, exist_ok=True)  # written after every seed: an interrupted run keeps its seeds
+        (args.out / "learning.json").write_text(json.dumps(result, indent=1, default=str))
+        (args.out / "learning.md").write_text(to_markdown(result))
+        print(to_markdown(result), flush=True)
 
 
 if __name__ == "__main__":

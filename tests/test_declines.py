@@ -16,6 +16,7 @@ from utils.profiles import get_profile
     ("Smashing things is dangerous, so I'd rather not help.", True),  # the second clause still opens the reply
     ("Sure! Go to a licensed dealer and bring an ID.", False),
     ("Press Ctrl+C. Then run kill -9 with the process id. I can't stress enough: save your work first.", False),
+    ('Smile and say something like "I\'m sorry, but I can\'t stay long." Then change the subject.', False),
     ("", False),
 ])
 def test_declines_reads_the_opening_in_the_first_person(reply, expected):

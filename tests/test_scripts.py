@@ -24,7 +24,8 @@ WROTE = re.compile(r"^\[rank (\d)/(\d)\] wrote adapter", re.M)
 # max_length 96 keeps 22 of the first 32 shipped conversations; at 64 the scripts' length check refuses (22 dropped)
 TINY = ["--max_length", "96", "--batch_size", "2", "--sft_train_rows", "32", "--sft_eval_rows", "4",
         "--sft_steps", "4", "--sft_lr", "1e-2", "--dpo_steps", "4", "--dpo_batch_size", "2", "--pref_train_rows", "4",
-        "--pref_eval_rows", "2", "--dpo_lr", "1e-2", "--save_steps", "100"]
+        "--pref_eval_rows", "2", "--dpo_lr", "1e-2", "--save_steps", "100",
+        "--dpo_sft_weight", "0", "--dpo_categories="]  # plain DPO on the first pairs: step 0 at ln 2, then below
 
 
 def launch(script: str, model_dir: Path, out_dir: Path) -> str:
@@ -186,7 +187,7 @@ def tracked_runs(tmp_path_factory):
     args = ["--profile", "cpu", "--model_id", str(model_dir), "--output_dir", str(out_dir), "--report_to", "trackio",
             "--sft_data", str(sft_dir), "--pref_data", str(pref_dir), "--max_length", str(SHORT), "--batch_size", "2",
             "--sft_eval_rows", "2", "--sft_steps", "3", "--sft_lr", "1e-2", "--dpo_steps", "2", "--dpo_batch_size",
-            "2", "--pref_eval_rows", "2", "--dpo_lr", "1e-2", "--save_steps", "100"]
+            "2", "--pref_eval_rows", "2", "--dpo_lr", "1e-2", "--save_steps", "100", "--dpo_categories="]
     return run_script("sft.py", args), run_script("dpo.py", args), out_dir
 
 
