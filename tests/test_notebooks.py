@@ -101,15 +101,20 @@ def test_04_saved_models(course):
     assert (course / "plots" / "dpo_metrics.png").exists()
 
 
+def recipe_differences(out_dir: Path, stage: str) -> list[str]:
+    """Where the configs notebook 02 or 04 wrote by hand (its manifest) differ from the recipes for its profile."""
+    manifest = report.read_manifest(out_dir, stage, made_by=f"notebook {'02' if stage == 'sft' else '04'}")
+    profile = Profile(**manifest["profile"])
+    out = out_dir / stage / "checkpoints"
+    recipe = (recipes.sft_recipe(profile, models.load_tokenizer(profile), out) if stage == "sft"
+              else recipes.dpo_recipe(profile, out))
+    return recipes.differences(manifest["configs"], recipe)
+
+
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_notebooks_train_with_the_scripts_recipe(course, stage):
     """02 and 04 write their configs by hand; scripts/ build them with utils/recipes.py: they must agree."""
-    manifest = report.read_manifest(course, stage, made_by=f"notebook {'02' if stage == 'sft' else '04'}")
-    profile = Profile(**manifest["profile"])
-    out = course / stage / "checkpoints"
-    recipe = (recipes.sft_recipe(profile, models.load_tokenizer(profile), out) if stage == "sft"
-              else recipes.dpo_recipe(profile, out))
-    assert recipes.differences(manifest["configs"], recipe) == []
+    assert recipe_differences(course, stage) == []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,12 +148,7 @@ def test_dry_run_02_trained_with_the_gpu_profiles_settings(dry_run):
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_dry_run_notebooks_train_with_the_scripts_recipe(dry_run, stage):
-    manifest = report.read_manifest(dry_run, stage, made_by=f"notebook {'02' if stage == 'sft' else '04'}")
-    profile = Profile(**manifest["profile"])
-    out = dry_run / stage / "checkpoints"
-    recipe = (recipes.sft_recipe(profile, models.load_tokenizer(profile), out) if stage == "sft"
-              else recipes.dpo_recipe(profile, out))
-    assert recipes.differences(manifest["configs"], recipe) == []
+    assert recipe_differences(dry_run, stage) == []
 
 
 def test_dry_run_04_trained_and_merged_with_the_gpu_profiles_settings(dry_run):
