@@ -52,7 +52,7 @@ def _free_port() -> int:
 
 def _get(url: str, token: str):
     request = urllib.request.Request(url, headers={"Authorization": f"token {token}"})
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=60) as response:  # a busy 2-core machine renders slowly
         return response.status, response.read()
 
 
