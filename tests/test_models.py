@@ -198,12 +198,14 @@ def test_a_gpu_profile_refuses_to_load_an_evaluation_model_without_a_gpu():
         models.load_for_eval(get_profile("rtx4090"))
 
 
-def test_dry_run_loads_its_tiny_evaluation_model_in_4bit_and_free_releases_it():
+def test_dry_run_loads_its_tiny_evaluation_model_in_4bit_and_free_releases_it(tokenizer):
     import bitsandbytes as bnb
 
     model = models.load_for_eval(get_profile("rtx4090-dryrun"))
     assert not model.training and model.config.hidden_size == 32
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 2 * 7
+    # its layers are narrower than bitsandbytes' blocks: the CPU inference repack would fail (the guard skips it)
+    assert evaluate.prompt_logits(model, tokenizer, ["Hi"])[0].shape[-1] == model.config.vocab_size
     models.free(model)
     assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
 

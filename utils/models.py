@@ -299,6 +299,7 @@ def load_for_eval(profile: Profile, path: str | Path | None = None) -> PreTraine
     require_gpu(profile)
     kwargs = eval_load_kwargs(profile, torch.cuda.is_available())
     model = AutoModelForCausalLM.from_pretrained(str(path or model_source(profile)), use_safetensors=True, **kwargs)
+    guard_cpu_4bit(model)  # 4-bit on the CPU: bitsandbytes' inference repack fails on layers narrower than its blocks
     return model.eval()
 
 
