@@ -187,7 +187,8 @@ def tracked_runs(tmp_path_factory):
     args = ["--profile", "cpu", "--model_id", str(model_dir), "--output_dir", str(out_dir), "--report_to", "trackio",
             "--sft_data", str(sft_dir), "--pref_data", str(pref_dir), "--max_length", str(SHORT), "--batch_size", "2",
             "--sft_eval_rows", "2", "--sft_steps", "3", "--sft_lr", "1e-2", "--dpo_steps", "2", "--dpo_batch_size",
-            "2", "--pref_eval_rows", "2", "--dpo_lr", "1e-2", "--save_steps", "100", "--dpo_categories="]
+            "2", "--pref_eval_rows", "2", "--dpo_lr", "1e-2", "--save_steps", "100", "--dpo_categories=",
+            "--dpo_sft_weight", "0"]  # plain DPO: the logged loss is the printed DPO term
     return run_script("sft.py", args), run_script("dpo.py", args), out_dir
 
 
