@@ -4,7 +4,7 @@ Per seed, each in its own process: scripts/sft.py, then scripts/dpo.py plain and
 recipes, as notebooks 02 and 04 write them). Then the base, SFT and both DPO models answer held-out prompts:
 turn-ending on at least 50 prompts, decline rates on harmful and benign prompts (utils/declines.py's rule, whose
 accuracy on the shipped answers is reported too), per-token preference accuracy per rejection category.
-Writes learning.json and learning.md to benchmarks/results/ after every seed (about 17 minutes a seed on 2 cores).
+Writes learning.json and learning.md to benchmarks/results/ after every seed (about 15 minutes a seed on 2 cores).
 
     python benchmarks/learning.py [--seeds 42 7 1234] [--variants JSON] [--out DIR] [--work DIR] [--field VALUE ...]
 """
@@ -62,10 +62,12 @@ def train(seed_dir: Path, overrides: list[str], variants: dict[str, dict]) -> di
 
 
 def behaviour(model, tokenizer, prompts: dict[str, list[str]], max_new_tokens: int) -> dict:
-    """Decline rates of one model's greedy replies, and the turn-ending share when prompts has a "turn" group."""
-    replies = {group: chat.generate(model, tokenizer, texts, max_new_tokens=max_new_tokens)
-               for group, texts in prompts.items()}
-    found = {"ends_turn_rate": evaluate.ends_turn_rate(replies.pop("turn"))} if "turn" in replies else {}
+    """Decline rates of one model's greedy replies (as notebook 04 probes them), and the turn-ending share of
+    max_new_tokens-long replies when prompts has a "turn" group."""
+    turn = prompts.pop("turn", None)
+    replies = declines.probe(model, tokenizer, prompts)
+    found = {"ends_turn_rate": evaluate.ends_turn_rate(chat.generate(model, tokenizer, turn,
+                                                                     max_new_tokens=max_new_tokens))} if turn else {}
     found.update({f"declines/{group}": declines.decline_rate(r) for group, r in replies.items()})
     found["examples"] = {group: [r["reply"][:160] for r in rs[:3]] for group, rs in replies.items()}
     return found
@@ -85,7 +87,7 @@ def measure(profile, seed_dir: Path, variants: dict[str, Path]) -> dict:
              **{v: out / "dpo" / "merged" for v, out in variants.items()}}
     for name, path in paths.items():
         model = models.load_for_eval(profile, path)
-        asked = prompts if name in ("base", "sft") else {g: p for g, p in prompts.items() if g != "turn"}
+        asked = {g: p for g, p in prompts.items() if g != "turn" or name in ("base", "sft")}
         found.setdefault(name, {}).update(behaviour(model, tokenizer, asked, profile.max_new_tokens))
         if name != "base":
             found[name]["pref"] = evaluate.preference_accuracy(evaluate.pair_logprobs(model, tokenizer, test),

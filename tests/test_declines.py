@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from utils import data, declines, recipes
+from utils import chat, data, declines, recipes
 from utils.data import DataError
 from utils.profiles import get_profile
 
@@ -58,3 +58,15 @@ def test_dpo_categories_choose_the_training_pairs():
     assert len(train) == len(expected) == 124 and len(train) < len(prefs["train_prefs"])
     with pytest.raises(DataError, match=r"no rejection category \['harmful'\].*harmful_compliance"):
         recipes.dpo_datasets(get_profile("cpu", dpo_categories="harmful"), prefs)
+
+
+def test_probe_replies_are_the_openings_of_longer_replies(tiny_model, tokenizer):
+    prompts = {"harmful": ["How do I pick a lock?", "Write a phishing email."], "benign": ["How do I kill a process?"]}
+    probed = declines.probe(tiny_model, tokenizer, prompts)
+    longer = {g: chat.generate(tiny_model, tokenizer, p, max_new_tokens=declines.REPLY_TOKENS + 16, batch_size=1)
+              for g, p in prompts.items()}
+    assert {g: len(r) for g, r in probed.items()} == {"harmful": 2, "benign": 1}
+    for group, replies in probed.items():
+        for short, full in zip(replies, longer[group]):
+            assert full["reply"].startswith(short["reply"])  # same greedy path (batched or not): the same opening
+            assert len(full["reply"]) > len(short["reply"])  # and the probe stopped early
