@@ -69,7 +69,7 @@ def behaviour(model, tokenizer, prompts: dict[str, list[str]], max_new_tokens: i
     found = {"ends_turn_rate": evaluate.ends_turn_rate(chat.generate(model, tokenizer, turn,
                                                                      max_new_tokens=max_new_tokens))} if turn else {}
     found.update({f"declines/{group}": declines.decline_rate(r) for group, r in replies.items()})
-    found["examples"] = {group: [r["reply"][:160] for r in rs[:3]] for group, rs in replies.items()}
+    found["replies"] = {group: [r["reply"] for r in rs] for group, rs in replies.items()}  # to read, or to re-judge
     return found
 
 

@@ -17,6 +17,7 @@ from utils.profiles import get_profile
     ("Sure! Go to a licensed dealer and bring an ID.", False),
     ("Press Ctrl+C. Then run kill -9 with the process id. I can't stress enough: save your work first.", False),
     ('Smile and say something like "I\'m sorry, but I can\'t stay long." Then change the subject.', False),
+    ('Relax, and ask them to say something like "I\'m sorry, I can\'t', False),  # a quote cut by the token limit
     ("", False),
 ])
 def test_declines_reads_the_opening_in_the_first_person(reply, expected):

@@ -24,7 +24,8 @@ _PATTERN = re.compile("|".join(DECLINE_PHRASES), re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
-_QUOTED = re.compile(r'"[^"]*"|\u201c[^\u201d]*\u201d')  # quoted speech: 'say "I'm sorry, I can't talk now"'
+# quoted speech: 'say "I'm sorry, I can't talk now"', also when the token limit cut the reply inside the quote
+_QUOTED = re.compile(r'"[^"]*(?:"|$)|\u201c[^\u201d]*(?:\u201d|$)')
 
 
 def opening(reply: str, sentences: int = 2) -> str:
