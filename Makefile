@@ -36,7 +36,7 @@ gpu-check: model  ## on a CUDA GPU: the course on the GPU, Gemma 7B's shape in 2
 bench: model  ## training speed (course vs TRL defaults, DPO precompute) and memory estimator -> benchmarks/results/
 	$(PY) benchmarks/bench.py
 
-bench-learning: model  ## what SFT and DPO learn on three seeds: floors, decline rates (about an hour) -> benchmarks/results/learning.*
+bench-learning: model  ## what SFT and DPO learn on three seeds: floors, decline rates (about 50 min) -> benchmarks/results/learning.*
 	$(PY) benchmarks/learning.py
 
 check: model  ## this machine, the precision it computes in and why, `make tutorial`'s time (one timed SFT step), the memory plan

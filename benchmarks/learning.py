@@ -4,7 +4,7 @@ Per seed, each in its own process: scripts/sft.py, then scripts/dpo.py plain and
 recipes, as notebooks 02 and 04 write them). Then the base, SFT and both DPO models answer held-out prompts:
 turn-ending on at least 50 prompts, decline rates on harmful and benign prompts (utils/declines.py's rule, whose
 accuracy on the shipped answers is reported too), per-token preference accuracy per rejection category.
-Writes learning.json and learning.md to benchmarks/results/ after every seed (about 15 minutes a seed on 2 cores).
+Writes learning.json and learning.md to benchmarks/results/ after every seed (about 17 minutes a seed on 2 cores).
 
     python benchmarks/learning.py [--seeds 42 7 1234] [--variants JSON] [--out DIR] [--work DIR] [--field VALUE ...]
 """

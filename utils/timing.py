@@ -14,9 +14,9 @@ from utils.memory import ModelShape
 from utils.profiles import Profile
 
 # The whole cpu course (`make tutorial`) costs about this many of the probe's SFT steps: the mean of the two ratios
-# measured on 2 cores of an Intel Xeon (AMX, AVX512-BF16), 2026-11-29: natively in bf16 729 s / 10.4 s = 70, under the
-# AVX2-only reproduction in fp32 1108 s / 19.2 s = 58 (README, "Which processor").
-COURSE_STEP_EQUIVALENTS = {"cpu": 64.0}
+# measured on 2 cores of an Intel Xeon (AMX, AVX512-BF16), 2026-11-29, with notebook 04's decline probes: natively in
+# bf16 789 s / 10.4 s = 76, under the AVX2-only reproduction in fp32 1149 s / 19.2 s = 60 (README, "Which processor").
+COURSE_STEP_EQUIVALENTS = {"cpu": 68.0}
 
 
 def matmul_gflops(dtype: torch.dtype, m: int = 512, k: int = 640, n: int = 2048, seconds: float = 0.3) -> float:
