@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     # the token travels in the environment, not on the command line where `ps` shows it to other users;
     # a session of its own, so that Ctrl-C reaches this launcher only and it shuts the server down without a prompt
     proc = subprocess.Popen(command, env={**os.environ, "JUPYTER_TOKEN": token}, start_new_session=True)
+    # Ctrl-C and SIGTERM stop the server, also where SIGINT came in ignored (a job started with & by a script, CI)
+    signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     try:
         if not wait_until_serving(proc, port, token):
