@@ -32,8 +32,9 @@ def main() -> None:
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_set, eval_dataset=eval_set,
                          processing_class=tokenizer)
     effective = profile.batch_size * profile.grad_accum * state.num_processes
+    rows = f"packed rows of up to {profile.max_length} tokens" if profile.packing else "conversations"
     distributed.log(f"{models.describe_trainable(model)}; effective batch {profile.batch_size} x {profile.grad_accum} "
-                    f"x {state.num_processes} processes = {effective} conversations per step")
+                    f"x {state.num_processes} processes = {effective} {rows} per step")
 
     loss_before = trainer.evaluate()["eval_loss"]
     with state.main_process_first():  # the main process removes checkpoints of another plan before the others look

@@ -14,7 +14,9 @@ from utils.errors import CourseError
 def test_named_profiles_are_complete_and_distinct():
     cpu, gpu = profiles.get_profile("cpu"), profiles.get_profile("rtx4090")
     assert cpu.model_id == profiles.EMBEDDED_MODEL_ID and gpu.model_id == "google/gemma-7b"
-    assert gpu.max_length == 2048 and gpu.load_in_4bit and gpu.compute_dtype == "bfloat16"
+    assert gpu.max_length == 1024 and gpu.load_in_4bit and gpu.compute_dtype == "bfloat16" and gpu.budget_hours == 2
+    long = profiles.get_profile("rtx4090-long")
+    assert long.max_length == 2048 and long.sft_steps > gpu.sft_steps and long.budget_hours is None
     assert gpu.sft_data == "HuggingFaceH4/ultrachat_200k" and gpu.pref_data == "HuggingFaceH4/ultrafeedback_binarized"
     assert cpu.load_in_4bit and "ultrachat_mini" in cpu.sft_data
 
@@ -29,7 +31,7 @@ def test_auto_picks_cpu_without_a_gpu(monkeypatch):
 
 
 def test_unknown_profile_names_the_valid_ones():
-    with pytest.raises(CourseError, match="cpu, rtx4090, rtx4090-dryrun, auto"):
+    with pytest.raises(CourseError, match="cpu, rtx4090, rtx4090-long, rtx4090-dryrun, auto"):
         profiles.get_profile("nosuch")
 
 

@@ -49,10 +49,14 @@ def test_check_reports_machine_precision_and_a_timed_forecast():
     assert info["sft_step_seconds"] > 0 and info["predicted_course_minutes"] > info["sft_step_seconds"] / 60
 
 
-def test_check_prints_the_rtx4090_memory_plan_within_one_24_gib_gpu_and_a_32_gib_host():
-    result = _cli("--check", "--profile", "rtx4090")  # no timed step: there is no measured forecast for a GPU yet
+def test_check_prints_the_rtx4090_memory_plan_and_a_forecast_within_its_budget():
+    result = _cli("--check", "--profile", "rtx4090")
     assert result.returncode == 0, result.stderr
-    plan = json.loads(result.stdout)["memory_plan"]
+    info = json.loads(result.stdout)
+    assert info["forecast"]["gpu"] == "NVIDIA GeForce RTX 4090" and info["forecast"]["fits_budget"] is True
+    assert 0 < info["predicted_course_minutes"] <= 120 == info["forecast"]["budget_minutes"]
+    assert "| 02 | SFT training, 125 steps |" in result.stderr and "within the profile's budget of 2 h" in result.stderr
+    plan = info["memory_plan"]
     assert [row["where"] for row in plan] == ["02, scripts/sft.py", *["04, scripts/dpo.py"] * 3, "04"]
     assert all(row["gpu_gib"] <= 24 and row["host_gib"] <= 32 for row in plan), plan
     assert "4bit" in plan[-1]["step"] and plan[-1]["gpu_gib"] > 0

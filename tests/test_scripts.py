@@ -240,8 +240,8 @@ def dry_run_scripts(tmp_path_factory) -> tuple[str, str, Path]:
 def test_sft_script_takes_the_gpu_profiles_branches(dry_run_scripts):
     sft_out, _, out_dir = dry_run_scripts
     check_trained_like_rtx4090(report.read_manifest(out_dir, "sft", made_by="scripts/sft.py"), "sft")
-    assert "effective batch 1 x 16 x 1 processes = 16 conversations per step" in sft_out
-    assert "max_length=2048, 32 train_sft conversations: 0 dropped" in sft_out, sft_out
+    assert "effective batch 4 x 4 x 1 processes = 16 packed rows of up to 1024 tokens per step" in sft_out
+    assert "max_length=1024, 32 train_sft conversations: 0 dropped" in sft_out, sft_out
 
 
 @pytest.mark.slow

@@ -30,6 +30,12 @@ ACT_INTERMEDIATE = 4
 # Per vocabulary entry per token: the fp32 log-softmax output saved for backward, its gradient and the logits'
 # gradient, all alive at the start of backward (12 bytes; measured on the CPU, see benchmarks/memory_check.py).
 LOGIT_BYTES = 12
+# TRL 1.16's trainers never build the full logits: their fused LM head (trl.trainer.utils.add_fused_lm_head) projects
+# at most this many tokens onto this many vocabulary entries at a time, in the compute dtype, forward and backward.
+CHUNK_TOKENS, CHUNK_VOCAB = 4096, 32768
+LM_HEADS = ("full", "chunked")
+# Scoring an answer (evaluate.answer_logprobs): its logits in the compute dtype, their fp32 copy and log-softmax.
+SCORE_LOGIT_FP32_BYTES = 8
 
 PRESETS = {
     "gemma-3-270m": dict(model_type="gemma3_text", hidden_size=640, num_hidden_layers=18, intermediate_size=2048,
@@ -148,14 +154,25 @@ class MemoryEstimate:
         return {"method": self.method, **{name: round(self.gib(name), 2) for name in (*COMPONENTS, "total")}}
 
 
-def _activation_bytes(shape: ModelShape, tokens: int, el: int, gradient_checkpointing: bool) -> int:
-    """Saved activations of the decoder layers plus the fp32 logits' softmax and gradients."""
-    layer = tokens * (ACT_HIDDEN * shape.hidden_size + ACT_INTERMEDIATE * shape.intermediate_size) * el
+def _layer_bytes(shape: ModelShape, tokens: int, el: int) -> int:
+    """What one decoder layer keeps for backward (or works with at once in a forward), for `tokens` tokens."""
+    return tokens * (ACT_HIDDEN * shape.hidden_size + ACT_INTERMEDIATE * shape.intermediate_size) * el
+
+
+def _activation_bytes(shape: ModelShape, tokens: int, el: int, gradient_checkpointing: bool,
+                      lm_head: str = "full") -> int:
+    """Saved activations of the decoder layers plus the LM head's: the fp32 logits' softmax and gradients ("full"),
+    or TRL's fused head ("chunked"): one [tokens x vocab] tile in the compute dtype and the fp32 hidden gradient."""
+    layer = _layer_bytes(shape, tokens, el)
     if gradient_checkpointing:
         layers = shape.n_layers * tokens * shape.hidden_size * el + layer
     else:
         layers = shape.n_layers * layer
-    return layers + tokens * shape.vocab_size * LOGIT_BYTES
+    if lm_head == "chunked":
+        head = min(tokens, CHUNK_TOKENS) * min(shape.vocab_size, CHUNK_VOCAB) * el + tokens * shape.hidden_size * 4
+    else:
+        head = tokens * shape.vocab_size * LOGIT_BYTES
+    return layers + head
 
 
 def estimate(
@@ -170,20 +187,27 @@ def estimate(
     optimizer: str = "adamw",
     gradient_checkpointing: bool = False,
     trainable_token_rows: int = 0,
+    lm_head: str = "full",
+    embedding_dtype: str | None = None,
 ) -> MemoryEstimate:
     """Peak training memory. P params, E embedding params, L LoRA params, w = bytes of weight_dtype, s = Adam's 8 or 0.
 
     full:  weights w*P, gradients 4*P, optimizer (s + 4 fp32 master copy if w < 4)*P: 18 B/param bf16, 16 fp32.
-    lora:  frozen weights w*P; lora (4 weight + 4 grad + s)*L. qlora: weights w*E + NF4 (4.127 bits)*(P - E).
-    Trainable token rows add rows*hidden params to L, plus the merged embedding PEFT rebuilds each forward (w*E).
+    lora:  frozen weights w*P; lora (4 weight + 4 grad + s)*L. qlora: weights e*E + NF4 (4.127 bits)*(P - E), where e
+    is embedding_dtype's bytes (default w; PEFT's k-bit preparation, which notebook 02 uses, upcasts it to fp32).
+    Trainable token rows add rows*hidden params to L, plus the merged embedding PEFT rebuilds each forward (e*E) and,
+    with TRL's fused head, the fp32 gradient of that merged matrix (4*E).
     activations: w*tokens*layers*(16*hidden + 4*intermediate), or with gradient checkpointing each layer's input
-    (w*tokens*layers*hidden) plus one layer's worth; plus 12*tokens*vocab for the fp32 logits' softmax and gradients.
-    weight_dtype is also the activation dtype; PEFT's QLoRA preparation upcasts the embedding to fp32 (pass fp32).
+    (w*tokens*layers*hidden) plus one layer's worth; plus the LM head: 12*tokens*vocab for full fp32 logits' softmax
+    and gradients (a plain PyTorch loop), or TRL 1.16's chunked head (lm_head="chunked": one 4096 x 32768 tile).
     """
     _check(method, METHODS, "method")
     _check(weight_dtype, DTYPE_BYTES, "weight_dtype")
     _check(optimizer, OPTIMIZER_STATE_BYTES, "optimizer")
+    _check(lm_head, LM_HEADS, "lm_head")
+    _check(embedding_dtype or weight_dtype, DTYPE_BYTES, "embedding_dtype")
     el, state = DTYPE_BYTES[weight_dtype], OPTIMIZER_STATE_BYTES[optimizer]
+    emb_el = DTYPE_BYTES[embedding_dtype or weight_dtype]
     gradients = optimizer_bytes = lora = 0
     if method == "full":
         weights = shape.n_params * el
@@ -191,11 +215,12 @@ def estimate(
         optimizer_bytes = shape.n_params * (state + (MASTER_BYTES if el < 4 else 0))
     else:
         body = shape.n_params - shape.n_embed_params
-        weights = shape.n_embed_params * el + round(body * (NF4_BYTES if method == "qlora" else el))
+        weights = shape.n_embed_params * emb_el + round(body * (NF4_BYTES if method == "qlora" else el))
         trainable = lora_params(shape, lora_r, lora_targets) + trainable_token_rows * shape.hidden_size
         lora = trainable * (ADAPTER_BYTES + GRAD_BYTES + state)
-        lora += shape.n_embed_params * el if trainable_token_rows else 0
-    activations = _activation_bytes(shape, batch_size * seq_len, el, gradient_checkpointing)
+        if trainable_token_rows:
+            lora += shape.n_embed_params * (emb_el + (GRAD_BYTES if lm_head == "chunked" else 0))
+    activations = _activation_bytes(shape, batch_size * seq_len, el, gradient_checkpointing, lm_head)
     return MemoryEstimate(method, weights, gradients, optimizer_bytes, lora, activations)
 
 
@@ -236,29 +261,41 @@ def shape_for_profile(profile) -> ModelShape:
     return ModelShape.from_config(AutoConfig.from_pretrained(profile.model_id))
 
 
+def _compute_dtype_name(profile) -> str:
+    """The profile's compute dtype as the estimator spells it (bf16 or fp32)."""
+    return "bf16" if profile.compute_dtype == "bfloat16" else "fp32"
+
+
 def estimate_profile(profile) -> MemoryEstimate:
-    """Training memory of a course profile's SFT run (QLoRA or LoRA, its batch, length and checkpointing)."""
+    """Training memory of a course profile's SFT run (QLoRA or LoRA, its batch, length and checkpointing) under TRL's
+    chunked LM head; the embedding is fp32 after PEFT's k-bit preparation (models.add_lora)."""
     return estimate(
         shape_for_profile(profile),
         "qlora" if profile.load_in_4bit else "lora",
         batch_size=profile.batch_size,
         seq_len=profile.max_length,
         lora_r=profile.lora_r,
+        weight_dtype=_compute_dtype_name(profile),
         gradient_checkpointing=profile.gradient_checkpointing,
         trainable_token_rows=2 if profile.train_turn_tokens else 0,
+        lm_head="chunked",
+        embedding_dtype="fp32" if profile.load_in_4bit else None,
     )
 
 
 def estimate_dpo_profile(profile) -> MemoryEstimate:
     """Training memory of a profile's DPO run: chosen and rejected of each pair at max_length, the new LoRA (no token
-    rows); the reference is the same weights with the adapter disabled, its log-probs computed before the policy's."""
+    rows), TRL's chunked LM head; the reference is the same weights with the adapter disabled, computed without
+    gradients before the policy's pass."""
     return estimate(
         shape_for_profile(profile),
         "qlora" if profile.load_in_4bit else "lora",
         batch_size=2 * profile.dpo_batch_size,
         seq_len=profile.max_length,
         lora_r=profile.lora_r,
+        weight_dtype=_compute_dtype_name(profile),
         gradient_checkpointing=profile.gradient_checkpointing,
+        lm_head="chunked",
     )
 
 
@@ -291,12 +328,40 @@ def model_bytes(shape: ModelShape, precision: str) -> int:
     return shape.n_params * PRECISION_BYTES[precision]
 
 
+def scoring_bytes(shape: ModelShape, tokens: int, el: int) -> int:
+    """Scoring `tokens` positions without gradients (evaluate.answer_logprobs): one layer's working set, the logits in
+    the compute dtype, their fp32 copy and log-softmax."""
+    return _layer_bytes(shape, tokens, el) + tokens * shape.vocab_size * (el + SCORE_LOGIT_FP32_BYTES)
+
+
+def generation_bytes(shape: ModelShape, batch: int, tokens: int, el: int) -> int:
+    """Greedy generation for `batch` prompts up to `tokens` positions each: the KV cache plus one step's logits."""
+    cache = 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * batch * tokens * el
+    return cache + _layer_bytes(shape, batch, el) + batch * shape.vocab_size * (el + 4)
+
+
 def inference_bytes(shape: ModelShape, seq_len: int, max_new_tokens: int, el: int) -> int:
-    """Activations of evaluating one model: scoring a seq_len sequence (one layer's working set, the fp32 logits and
-    their log-softmax) plus the KV cache of generating for GEN_BATCH prompts."""
-    scoring = _activation_bytes(shape, seq_len, el, gradient_checkpointing=True)
-    cached_tokens = GEN_BATCH * (GEN_PROMPT_TOKENS + max_new_tokens)
-    return scoring + 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * cached_tokens * el
+    """Activations of evaluating one model, whichever is larger (they never run at once): scoring a seq_len sequence,
+    or generating max_new_tokens for GEN_BATCH prompts of up to GEN_PROMPT_TOKENS."""
+    return max(scoring_bytes(shape, seq_len, el),
+               generation_bytes(shape, GEN_BATCH, GEN_PROMPT_TOKENS + max_new_tokens, el))
+
+
+def estimate_eval(profile) -> int:
+    """Bytes of one evaluation model of the profile at work (models.load_for_eval's precision): weights plus
+    inference_bytes at its max_length and max_new_tokens."""
+    shape = shape_for_profile(profile)
+    el = PRECISION_BYTES[profile.compute_dtype if profile.eval_precision == "4bit" else profile.eval_precision]
+    return model_bytes(shape, profile.eval_precision) + inference_bytes(shape, profile.max_length,
+                                                                        profile.max_new_tokens, el)
+
+
+def estimate_stage(profile, stage: str) -> int:
+    """Bytes of one stage of the profile: "sft" or "dpo" training, or "eval" (one evaluation model at work)."""
+    _check(stage, ("sft", "dpo", "eval"), "stage")
+    if stage == "eval":
+        return estimate_eval(profile)
+    return (estimate_profile if stage == "sft" else estimate_dpo_profile)(profile).total
 
 
 @dataclass(frozen=True)
@@ -337,9 +402,7 @@ def plan(profile, cuda: bool | None = None) -> list[PlanStep]:
     merge_dtype = str(models.merge_dtype(profile)).removeprefix("torch.")
     merge = model_bytes(shape, merge_dtype) + stream
     eval_kwargs = models.eval_load_kwargs(profile, cuda)
-    eval_el = eval_kwargs["dtype"].itemsize
-    evaluation = (model_bytes(shape, profile.eval_precision)
-                  + inference_bytes(shape, profile.max_length, profile.max_new_tokens, eval_el))
+    evaluation = estimate_eval(profile)
     return [
         held("02, scripts/sft.py", f"SFT: base in 4-bit with LoRA{' and turn-token rows' * profile.train_turn_tokens}"
              f", batch {profile.batch_size} x {profile.max_length} tokens; generation with it",

@@ -37,6 +37,7 @@ class Profile:
     grad_accum: int
     gradient_checkpointing: bool
     padding_free: bool
+    packing: bool  # pack conversations into rows of max_length (TRL's "bfd": each cut to max_length, none split)
     lora_r: int
     lora_alpha: int
     lora_dropout: float
@@ -54,6 +55,7 @@ class Profile:
     save_steps: int
     report_to: str
     seed: int
+    budget_hours: float | None = None  # the whole course must fit this on one RTX 4090 (utils/forecast.py)
     compute_dtype_reason: str = ""  # filled by get_profile: how compute_dtype was chosen
 
 
@@ -78,6 +80,7 @@ PROFILES: dict[str, Profile] = {
         grad_accum=1,
         gradient_checkpointing=True,  # TRL's default; it costs ~7% here and saves ~0.6 GiB (make bench)
         padding_free=True,
+        packing=False,  # rows of ~100 tokens: padding-free batches of 8 are enough
         lora_r=16,
         lora_alpha=32,
         lora_dropout=0.0,
@@ -104,41 +107,65 @@ PROFILES: dict[str, Profile] = {
         eval_precision="4bit",  # on the GPU, one at a time: 5.2 GiB of weights each (bf16: 15.9), see memory.plan
         load_in_4bit=True,
         compute_dtype="bfloat16",
-        max_length=2048,
+        max_length=1024,  # TRL's default and the alignment handbook's DPO recipes; longer conversations are cut
         sft_data="HuggingFaceH4/ultrachat_200k",
         pref_data="HuggingFaceH4/ultrafeedback_binarized",
-        sft_train_rows=20_000,
-        sft_eval_rows=500,
-        pref_train_rows=10_000,
-        pref_eval_rows=500,
-        pref_acc_rows=500,
-        batch_size=1,
-        grad_accum=16,
-        gradient_checkpointing=True,
-        padding_free=False,  # batch 1: nothing to pad
+        sft_train_rows=2_000,  # 125 steps x 16 packed rows: at least 2,000 conversations, each seen once
+        sft_eval_rows=100,
+        pref_train_rows=512,  # 128 steps x 4 pairs
+        pref_eval_rows=100,
+        pref_acc_rows=100,
+        batch_size=4,  # packed rows per micro-batch: 2.05x the tokens/s of 1 row on Gemma 7B (gpu.md)
+        grad_accum=4,  # 16 packed rows of up to 1024 tokens per optimizer step
+        gradient_checkpointing=True,  # without it 26 GiB at 1 x 1024 tokens: more than a 24 GB card (gpu.md)
+        padding_free=False,  # packing concatenates the rows itself (TRL turns padding-free on for "bfd")
+        packing=True,
         lora_r=16,
         lora_alpha=32,
         lora_dropout=0.05,
         train_turn_tokens=True,
-        sft_steps=600,
+        sft_steps=125,
         sft_lr=1e-4,
-        dpo_steps=300,
+        dpo_steps=128,  # 1 pair per micro-batch x grad_accum 4: 2 pairs per micro-batch ran 1.5x faster on equal-length
+        # pairs (gpu.md) but real pairs differ in length and a batch pads to its longest
         dpo_lr=5e-6,
         dpo_beta=0.1,
         dpo_batch_size=1,
         dpo_sft_weight=0.0,
         dpo_categories="",  # the Hub data has no rejection categories
         max_new_tokens=256,
-        n_gen_prompts=20,
-        save_steps=100,
-        report_to="trackio",  # hours-long runs: a live local dashboard (utils/tracking.py)
+        n_gen_prompts=8,  # one batch of greedy replies per model
+        save_steps=25,
+        report_to="trackio",  # an hour-long run: a live local dashboard (utils/tracking.py)
         seed=42,
+        budget_hours=2.0,  # one evening: make check PROFILE=rtx4090 prints the forecast
     ),
 }
 
+# The long version of the GPU course: conversations up to 2048 tokens, 9,600 of them and 4,800 pairs, larger
+# evaluations. Hours longer than rtx4090 on one RTX 4090 (make check PROFILE=rtx4090-long forecasts it).
+PROFILES["rtx4090-long"] = replace(
+    PROFILES["rtx4090"],
+    name="rtx4090-long",
+    max_length=2048,
+    batch_size=1,  # 1 x 2048 tokens, unpacked: the set-up measured at this length (gpu.md)
+    grad_accum=16,
+    packing=False,
+    sft_train_rows=20_000,
+    sft_eval_rows=500,
+    pref_train_rows=10_000,
+    pref_eval_rows=500,
+    pref_acc_rows=500,
+    sft_steps=600,
+    dpo_steps=300,  # 16 pairs a step
+    n_gen_prompts=20,
+    save_steps=100,
+    budget_hours=None,  # the long version: make check PROFILE=rtx4090-long says how many hours
+)
+
 
 # The rtx4090 path that CI can execute: its settings (batch 1 x 16 accumulation, no padding-free batches, max_length
-# 2048, bf16 compute and merge, 4-bit evaluation, dropout, trackio, a checkpoint and an evaluation mid-run) on a tiny
+# 1024, bf16 compute and merge, 4-bit evaluation, dropout, trackio, a checkpoint and an evaluation mid-run) on a tiny
 # random Gemma and a few shipped rows, with step counts that run each notebook in about a minute on 2 CPU cores.
 PROFILES["rtx4090-dryrun"] = replace(
     PROFILES["rtx4090"],
@@ -154,10 +181,11 @@ PROFILES["rtx4090-dryrun"] = replace(
     pref_acc_rows=4,
     sft_steps=2,  # each step is 16 forward and backward passes: about 20 s here on 2 cores
     dpo_steps=1,
-    save_steps=1,  # SFT saves a checkpoint and evaluates mid-run, as every 100 and 300 of 600 steps
+    save_steps=1,  # SFT saves a checkpoint and evaluates mid-run, as rtx4090 does every 25 steps
     max_new_tokens=16,
     n_gen_prompts=4,
     compute_dtype="auto",  # bf16 as on the GPU where this CPU computes it natively; fp32 on AVX2 (9x faster there)
+    budget_hours=None,
 )
 
 

@@ -61,10 +61,11 @@ def plumbing(profile: Profile, output_dir: str | Path, stage: str, logging_steps
 
 
 def sft_config(profile: Profile, output_dir: str | Path, **overrides) -> SFTConfig:
-    """SFTConfig for the profile: loss on the replies only, padding-free batches where the profile says so.
+    """SFTConfig for the profile: loss on the replies only, padding-free batches or packed rows where it says so.
 
     Padding-free batches concatenate the rows (position ids mark where each starts), so TRL does not truncate:
-    drop rows longer than max_length first (`data.drop_longer_than`).
+    drop rows longer than max_length first (`data.drop_longer_than`). Packing ("bfd") cuts each conversation to
+    max_length and fills rows of max_length with whole conversations, concatenated the same padding-free way.
     """
     args = {
         "assistant_only_loss": True,
@@ -76,12 +77,18 @@ def sft_config(profile: Profile, output_dir: str | Path, **overrides) -> SFTConf
         "gradient_accumulation_steps": profile.grad_accum,
         "gradient_checkpointing": profile.gradient_checkpointing,
         "padding_free": profile.padding_free,
+        "packing": profile.packing,
         "max_length": None if profile.padding_free else profile.max_length,
         "bf16": use_bf16_autocast(profile),
         **plumbing(profile, output_dir, "sft", logging_steps=max(1, profile.sft_steps // 10),
-                   eval_steps=max(1, profile.sft_steps // 2)),
+                   eval_steps=sft_eval_steps(profile)),
     }
     return SFTConfig(**{**args, **overrides})
+
+
+def sft_eval_steps(profile: Profile) -> int:
+    """SFT evaluates the held-out set every this many steps: at the middle of the run (and its end)."""
+    return max(1, profile.sft_steps // 2)
 
 
 def _first(ds: Dataset, n: int | None) -> Dataset:

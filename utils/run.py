@@ -104,12 +104,13 @@ def check_machine(profile_name: str) -> dict:
     """What this machine has, the profile's precision and why, and a forecast of the course's time and memory
     (memory.plan: what each step of notebooks 02 and 04 holds on the GPU and the host).
 
-    On the cpu profile the forecast comes from one timed SFT step of the course's set-up (about a minute).
+    On the cpu profile the forecast comes from one timed SFT step of the course's set-up (about a minute); on a GPU
+    profile (and its dry run) from utils.forecast: an RTX 4090, notebook by notebook, with every input.
     """
     import psutil
     import torch
 
-    from utils import memory, precision, timing
+    from utils import forecast, memory, precision, timing
 
     profile = get_profile(profile_name)
     info = {
@@ -129,8 +130,12 @@ def check_machine(profile_name: str) -> dict:
         step = timing.time_sft_step(profile)
         info["sft_step_seconds"] = round(step, 1)
         info["predicted_course_minutes"] = round(timing.predict_course_minutes(profile, step), 1)
+    elif (gpu_profile := forecast.stand_in(profile)) is not None:
+        info["forecast"] = forecast.summary(gpu_profile)  # from the GPU throughputs in benchmarks/results/gpu.json
+        info["predicted_course_minutes"] = info["forecast"]["minutes"]["total"]
+        print(forecast.describe(gpu_profile), file=sys.stderr)
     else:
-        info["predicted_course_minutes"] = None  # no GPU run has been measured yet to fit a forecast
+        info["predicted_course_minutes"] = None
     return info
 
 
