@@ -7,9 +7,15 @@ PROFILE ?= auto
 
 .PHONY: tutorial test test-avx2 unit gpu-check bench bench-learning lab model check clean distclean
 
+# PyTorch's CPU build (about 190 MB) from its own index on Linux without an NVIDIA GPU, where PyPI's wheel is the CUDA
+# build with several GB of NVIDIA libraries; PyPI's wheel elsewhere. Choose by hand: make TORCH_INDEX=URL (or =pypi).
+TORCH_PIP_ARGS = $(shell TORCH_INDEX="$(TORCH_INDEX)" $(PYTHON) utils/torch_build.py)
+TORCH_PIN = $(shell grep -o '"torch==[^"]*"' pyproject.toml)
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --no-deps $(TORCH_PIN) $(TORCH_PIP_ARGS)
 	$(PY) -m pip install --quiet -e ".[dev,lab]"
 	touch $(STAMP)
 

@@ -238,3 +238,34 @@ def test_save_random_model_writes_a_checkpoint_the_course_loads_in_4bit(tmp_path
     assert type(model).__name__ == "GemmaForCausalLM" and model.config.num_hidden_layers == 2
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 2 * 7
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+def test_the_compact_lm_head_gives_the_same_loss_and_gradients_and_skips_unlabelled_positions(tiny_model):
+    """TRL's fused head projects only labelled positions once models.compact_lm_head() is on (utils.models does it)."""
+    from trl.kernels import chunked_logprob
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(tiny_model)
+    ids = torch.randint(3, 1000, (2, 12))
+    labels = ids.clone()
+    labels[:, :7] = -100  # a prompt: no label
+
+    def run(compact: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+        models.compact_lm_head(compact)
+        tiny_model.zero_grad()
+        projected = []
+        apply = chunked_logprob.ChunkedLogProbFunction.apply
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(chunked_logprob.ChunkedLogProbFunction, "apply",
+                       lambda hidden, *args: projected.append(hidden.shape[0]) or apply(hidden, *args))
+            loss = tiny_model(input_ids=ids, labels=labels, fused_lm_head=True).loss
+        loss.backward()
+        return loss.detach(), tiny_model.model.embed_tokens.weight.grad.clone(), projected[0]
+
+    try:
+        full_loss, full_grad, full_rows = run(compact=False)
+        loss, grad, rows = run(compact=True)
+    finally:
+        models.compact_lm_head(True)
+    assert full_rows == 2 * 11 and rows == 2 * 5  # shifted: 11 positions per row, 5 with a label
+    assert torch.allclose(loss, full_loss, atol=1e-5) and torch.allclose(grad, full_grad, atol=1e-6)

@@ -165,6 +165,21 @@ def compute_dtype(profile: Profile) -> torch.dtype:
     return getattr(torch, profile.compute_dtype)
 
 
+def compact_lm_head(enabled: bool = True) -> None:
+    """Make TRL 1.16's fused LM head project only the positions that have a label (as it does on CUDA) on every device.
+
+    Off CUDA and XPU TRL scores every position, prompt and padding too, through the 262k-row output layer, which is
+    most of a CPU training step; the losses and gradients are the same either way (tests/test_models.py)."""
+    import trl.trainer.utils as trl_utils
+    from trl.kernels.chunked_logprob import _use_triton
+
+    # TRL reads this name only to choose between scoring the labelled positions and scoring all of them
+    trl_utils._use_triton = (lambda device: True) if enabled else _use_triton
+
+
+compact_lm_head()
+
+
 def guard_cpu_4bit(model: torch.nn.Module) -> int:
     """Stop bitsandbytes repacking 4-bit weights for CPU inference; returns the layers fixed.
 
