@@ -25,13 +25,13 @@ model: $(STAMP)  ## convert the embedded Gemma base once (cached in ~/.cache/gem
 tutorial: model  ## run every notebook in order on the best profile this machine supports
 	$(PY) -m utils.run --profile $(PROFILE)
 
-test: model  ## lint, unit tests, every notebook under papermill on the cpu profile, then the slow tier as on AVX2
+test: model  ## lint, unit tests, every notebook under papermill on the cpu profile, then the processor tier as on AVX2
 	$(VENV)/bin/ruff check utils tests notebooks benchmarks scripts
 	$(PY) -m pytest
 	$(MAKE) test-avx2
 
-test-avx2: model  ## the slow tier (real training runs) again on a reproduced AVX2-only processor (fp32 compute)
-	$(PY) -m utils.precision --avx2-only -- $(PY) -m pytest -m slow
+test-avx2: model  ## the tests whose outcome depends on the processor again on a reproduced AVX2-only one (fp32 compute)
+	$(PY) -m utils.precision --avx2-only -- $(PY) -m pytest -m processor
 
 unit: model  ## the fast tests only (under a minute)
 	$(PY) -m pytest -m "not notebook and not slow"

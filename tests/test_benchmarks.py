@@ -9,9 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench as bench_module  # noqa: E402
+import step_profile  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +53,32 @@ def test_bench_measures_both_precisions_and_the_avx2_reproduction_picks_fp32(ben
         avx2 = result["precision"]["AVX2-only (reproduced)"]
         assert avx2["auto"]["dtype"] == "float32" and "oneDNN bf16 not native" in avx2["auto"]["reason"]
     assert "## Precision" in (out / "bench.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_profiles_where_a_training_step_goes(bench):
+    result, out = bench
+    for stage in ("sft", "dpo"):
+        profile = result["step_profile"][stage]
+        assert profile["step_seconds"] > 0 and profile["seconds"]["LM head (TRL's fused head, 262k vocabulary)"] > 0
+        assert sum(profile["seconds"].values()) == pytest.approx(profile["step_seconds"], rel=0.05)
+    assert "## Where a training step goes" in (out / "bench.md").read_text()
+    assert {row["setting"] for row in result["matmul_shares"]} == set(result["precision"])
+
+
+def test_notebook_times_split_training_cells_from_the_rest(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("trainer.train()"), nbformat.v4.new_code_cell("evaluate()"),
+                nbformat.v4.new_markdown_cell("text")]
+    for cell, seconds in zip(nb.cells[:2], (30.0, 12.5)):
+        cell.metadata["papermill"] = {"duration": seconds}
+    nbformat.write(nb, tmp_path / "02_sft.ipynb")
+    (row,) = step_profile.notebook_times(tmp_path)
+    assert row["notebook"] == "02" and row["seconds"] == 42.5 and row["training cells"] == 30.0
+    assert row["other cells"] == 12.5 and row["slowest other cells"] == "code cell 1: 12 s"
+
+
+@pytest.mark.parametrize("flags, kind", [("avx512_bf16 amx_bf16 avx2", "AMX"), ("avx512_bf16 avx2", "AVX512-BF16"),
+                                         ("avx2", "AVX2")])
+def test_processor_kinds(flags, kind):
+    assert bench_module.processor_kind(f"CPU flags {flags}") == kind

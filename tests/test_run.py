@@ -38,6 +38,7 @@ def test_unknown_notebook_number_exits_2():
 
 
 @pytest.mark.slow
+@pytest.mark.processor
 def test_check_reports_machine_precision_and_a_timed_forecast():
     result = subprocess.run([sys.executable, "-m", "utils.run", "--check", "--profile", "cpu"], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)

@@ -237,6 +237,7 @@ def dry_run_scripts(tmp_path_factory) -> tuple[str, str, Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.processor
 def test_sft_script_takes_the_gpu_profiles_branches(dry_run_scripts):
     sft_out, _, out_dir = dry_run_scripts
     check_trained_like_rtx4090(report.read_manifest(out_dir, "sft", made_by="scripts/sft.py"), "sft")
@@ -245,6 +246,7 @@ def test_sft_script_takes_the_gpu_profiles_branches(dry_run_scripts):
 
 
 @pytest.mark.slow
+@pytest.mark.processor
 def test_dpo_script_takes_the_gpu_profiles_branches_and_merges_in_bf16(dry_run_scripts):
     _, dpo_out, out_dir = dry_run_scripts
     manifest = report.read_manifest(out_dir, "dpo", made_by="scripts/dpo.py")

@@ -20,6 +20,9 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_vnni", "avx512f", "avx2")
 # Environment that makes an AVX512/AMX x86 machine compute like an AVX2-only one (a laptop without AVX512):
 # ATen's vector kernels, oneDNN (bf16 matmuls) and MKL (fp32 matmuls) all limited to AVX2.
 AVX2_ONLY_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+# Environment that hides AMX from oneDNN on an Intel machine that has it, leaving AVX512-BF16: meant to reproduce the
+# AMD EPYC kind without AMX (bf16 no faster than fp32). Not yet checked against such an EPYC from an AMX machine.
+NO_AMX_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
 
 
 @dataclass(frozen=True)
@@ -80,13 +83,19 @@ def auto_choice_in(env: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m utils.precision [--avx2-only] [-- COMMAND ...]`: print the choice, or run COMMAND under it."""
+    """`python -m utils.precision [--avx2-only | --no-amx] [-- COMMAND ...]`: print the choice, or run COMMAND under
+    it."""
     parser = argparse.ArgumentParser(prog="python -m utils.precision", description=main.__doc__)
     parser.add_argument("--avx2-only", action="store_true",
                         help="reproduce an AVX2-only x86 processor (no AVX512, no native bf16) for COMMAND")
+    parser.add_argument("--no-amx", action="store_true",
+                        help="hide AMX from oneDNN, keeping AVX512-BF16 (an AMX Xeon computing like an AMD EPYC "
+                             "without AMX; unverified) for COMMAND")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="e.g. make tutorial; without it, print the choice")
     args = parser.parse_args(argv)
-    env = AVX2_ONLY_ENV if args.avx2_only else {}
+    if args.avx2_only and args.no_amx:
+        parser.error("pick one of --avx2-only and --no-amx")
+    env = AVX2_ONLY_ENV if args.avx2_only else NO_AMX_ENV if args.no_amx else {}
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if command:
         return subprocess.call(command, env={**os.environ, **env})
