@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from transformers import AutoModelForCausalLM, Gemma3ForCausalLM
 
 from utils import chat, evaluate, memory, models, recipes
@@ -269,3 +270,20 @@ def test_the_compact_lm_head_gives_the_same_loss_and_gradients_and_skips_unlabel
         models.compact_lm_head(True)
     assert full_rows == 2 * 11 and rows == 2 * 5  # shifted: 11 positions per row, 5 with a label
     assert torch.allclose(loss, full_loss, atol=1e-5) and torch.allclose(grad, full_grad, atol=1e-6)
+
+
+def test_fast_inference_computes_the_same_and_restores_the_weights(tokenizer, tiny_model):
+    """Inference with the trained token rows written into the (tied) embedding: same logits, weights restored after."""
+    model = _train_adapter(tiny_model, tokenizer, token_rows=True)
+    layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer)]
+    weight = layers[0].base_layer.weight
+    original = weight.detach().clone()
+    ids = torch.tensor([chat.encode(tokenizer, [{"role": "user", "content": "Tell me a joke."}], True)["input_ids"]])
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with chat.fast_inference(model):
+            assert len(layers) == 2 and all(layer.merged for layer in layers)  # the embedding and the tied head
+            assert not torch.equal(weight[[105, 106]], original[[105, 106]])  # the trained rows are in
+            merged = model(input_ids=ids).logits
+    assert torch.equal(merged, plain)
+    assert not any(layer.merged for layer in layers) and torch.equal(weight, original)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
 from utils.errors import CourseError
 
@@ -179,6 +182,29 @@ def stop_token_ids(tokenizer) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(END_OF_TURN), tokenizer.eos_token_id]
 
 
+@contextmanager
+def fast_inference(model) -> Iterator[None]:
+    """While the model only infers: PEFT's trained token rows written into the embedding (taken out after), and the
+    output layer fed contiguous rows. Both compute exactly the same, much faster on a CPU.
+
+    Unmerged, PEFT rebuilds the whole 262k-row embedding on every forward pass (twice with the tied output layer).
+    PyTorch's CPU bf16 linear on a sliced batch (generation's last positions) copies the 262k-row weight once per row:
+    6 s instead of 0.03 s for 8 rows.
+    """
+    layers = [m for m in model.modules()
+              if isinstance(m, TrainableTokensLayer) and not m.merged and not m.disable_adapters]
+    for layer in layers:
+        layer.merge()
+    hook = model.get_output_embeddings().register_forward_pre_hook(
+        lambda _, args: tuple(a.contiguous() if torch.is_tensor(a) else a for a in args))
+    try:
+        yield
+    finally:
+        hook.remove()
+        for layer in reversed(layers):
+            layer.unmerge()
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 8) -> list[dict]:
     """Greedy replies to each prompt through the chat template; each dict has the reply and how it ended."""
@@ -189,19 +215,20 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, bat
     results = []
     stops = stop_token_ids(tokenizer)
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            texts = [render(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in chunk]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            out = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=stops,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            for prompt, ids in zip(chunk, out[:, batch["input_ids"].shape[1] :].tolist()):
-                results.append(describe_reply(tokenizer, prompt, ids))
+        with fast_inference(model):
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
+                texts = [render(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in chunk]
+                batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+                out = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=stops,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                for prompt, ids in zip(chunk, out[:, batch["input_ids"].shape[1] :].tolist()):
+                    results.append(describe_reply(tokenizer, prompt, ids))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

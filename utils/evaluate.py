@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.chat import encode
+from utils.chat import encode, fast_inference
 
 
 def ends_turn_rate(replies: list[dict]) -> float:
@@ -42,11 +42,12 @@ def pair_logprobs(model, tokenizer, pairs) -> list[dict]:
     was_training = model.training
     model.eval()
     scored = []
-    for row in pairs:
-        c_sum, c_n = answer_logprobs(model, tokenizer, row["prompt"], row["chosen"])
-        r_sum, r_n = answer_logprobs(model, tokenizer, row["prompt"], row["rejected"])
-        scored.append({"prompt_id": row.get("prompt_id"), "chosen": c_sum, "chosen_n": c_n,
-                       "rejected": r_sum, "rejected_n": r_n})
+    with fast_inference(model):
+        for row in pairs:
+            c_sum, c_n = answer_logprobs(model, tokenizer, row["prompt"], row["chosen"])
+            r_sum, r_n = answer_logprobs(model, tokenizer, row["prompt"], row["rejected"])
+            scored.append({"prompt_id": row.get("prompt_id"), "chosen": c_sum, "chosen_n": c_n,
+                           "rejected": r_sum, "rejected_n": r_n})
     model.train(was_training)
     return scored
 
@@ -84,9 +85,10 @@ def dpo_loss(policy: list[dict], reference: list[dict], beta: float) -> dict:
 def prompt_logits(model, tokenizer, prompts: list[str]) -> list[torch.Tensor]:
     """The model's logits (float32, on the CPU) over each rendered prompt: compared after the model is freed."""
     found = []
-    for prompt in prompts:
-        ids = torch.tensor([encode(tokenizer, [{"role": "user", "content": prompt}], True)["input_ids"]])
-        found.append(model(input_ids=ids.to(model.device)).logits.float().cpu())
+    with fast_inference(model):
+        for prompt in prompts:
+            ids = torch.tensor([encode(tokenizer, [{"role": "user", "content": prompt}], True)["input_ids"]])
+            found.append(model(input_ids=ids.to(model.device)).logits.float().cpu())
     return found
 
 
@@ -121,13 +123,14 @@ def end_of_turn_probability(model, tokenizer, conversations: list[list[dict]]) -
     was_training = model.training
     model.eval()
     probs = []
-    for messages in conversations:
-        enc = encode(tokenizer, messages)
-        ids = torch.tensor([enc["input_ids"]], device=model.device)
-        logits = model(input_ids=ids).logits[0].float()
-        for pos in range(1, ids.shape[1]):
-            if enc["assistant_masks"][pos] and enc["input_ids"][pos] == end_id:
-                probs.append(torch.softmax(logits[pos - 1], dim=-1)[end_id].item())
+    with fast_inference(model):
+        for messages in conversations:
+            enc = encode(tokenizer, messages)
+            ids = torch.tensor([enc["input_ids"]], device=model.device)
+            logits = model(input_ids=ids).logits[0].float()
+            for pos in range(1, ids.shape[1]):
+                if enc["assistant_masks"][pos] and enc["input_ids"][pos] == end_id:
+                    probs.append(torch.softmax(logits[pos - 1], dim=-1)[end_id].item())
     model.train(was_training)
     return sum(probs) / len(probs)
 
