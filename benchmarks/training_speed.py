@@ -108,7 +108,7 @@ def run_sft(arm: str, steps: int, tiny_dir: str | None, out: str, compute_dtype:
                          processing_class=tokenizer)
     result = _train_and_measure(trainer, config, profile.compute_dtype)
     # how close a step comes to this machine's matmul speed in the same precision (measured in this process)
-    flops = timing.training_flops_per_token(ModelShape.from_config(model.config))
+    flops = timing.training_flops_per_token(ModelShape.from_config(model.config), profile.gradient_checkpointing)
     matmul = timing.matmul_gflops(getattr(torch, profile.compute_dtype))
     achieved = result["real_tokens_per_s"] * flops / 1e9
     return {**result, "flops_per_token": flops, "achieved_gflops": achieved, "matmul_gflops": matmul,
