@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from transformers import AutoModelForCausalLM, Gemma3ForCausalLM
 
-from utils import chat, evaluate, memory, models, recipes
+from utils import chat, evaluate, lm_head, memory, models, recipes
 from utils.errors import CourseError
 from utils.memory import ModelShape
 from utils.models import tiny_gemma_config
@@ -243,7 +243,6 @@ def test_save_random_model_writes_a_checkpoint_the_course_loads_in_4bit(tmp_path
 
 def test_the_compact_lm_head_gives_the_same_loss_and_gradients_and_skips_unlabelled_positions(tiny_model):
     """TRL's fused head projects only labelled positions once models.compact_lm_head() is on (utils.models does it)."""
-    from trl.kernels import chunked_logprob
     from trl.trainer.utils import add_fused_lm_head
 
     add_fused_lm_head(tiny_model)
@@ -255,9 +254,9 @@ def test_the_compact_lm_head_gives_the_same_loss_and_gradients_and_skips_unlabel
         models.compact_lm_head(compact)
         tiny_model.zero_grad()
         projected = []
-        apply = chunked_logprob.ChunkedLogProbFunction.apply
+        apply = lm_head.LogProbHead.apply
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(chunked_logprob.ChunkedLogProbFunction, "apply",
+            mp.setattr(lm_head.LogProbHead, "apply",
                        lambda hidden, *args: projected.append(hidden.shape[0]) or apply(hidden, *args))
             loss = tiny_model(input_ids=ids, labels=labels, fused_lm_head=True).loss
         loss.backward()

@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from utils import distributed, recipes
+from utils import distributed, lm_head, recipes
 from utils.errors import CourseError
 from utils.memory import PRESETS, check_fits
 from utils.profiles import Profile, needs_gpu, uses_embedded_model, uses_tiny_model
@@ -177,7 +177,17 @@ def compact_lm_head(enabled: bool = True) -> None:
     trl_utils._use_triton = (lambda device: True) if enabled else _use_triton
 
 
+def cpu_lm_head(enabled: bool = True) -> None:
+    """Compute TRL's fused LM head on CPU tensors with utils.lm_head: the same log-probabilities and gradients in a
+    few passes over the logits instead of TRL's torch fallback (most of a CPU training step; tests/test_lm_head.py)."""
+    import trl.trainer.utils as trl_utils
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    trl_utils._ChunkedLogProbFunction = lm_head.LogProbHead if enabled else ChunkedLogProbFunction
+
+
 compact_lm_head()
+cpu_lm_head()
 
 
 def guard_cpu_4bit(model: torch.nn.Module) -> int:
