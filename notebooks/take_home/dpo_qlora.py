@@ -58,8 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="google/gemma-7b", help="Hub id or local folder of the base model")
     parser.add_argument("--sft_adapter", help="folder of sft_qlora.py's adapter; without it DPO starts from --model")
-    parser.add_argument("--data", default="HuggingFaceH4/ultrafeedback_binarized",
-                        help="Hub id or local folder (jsonl)")
+    parser.add_argument("--data", default="HuggingFaceH4/ultrafeedback_binarized", help="Hub id or local folder")
     parser.add_argument("--max_steps", type=int, help="default 128")
     parser.add_argument("--max_length", type=int, help="default 1024 (smaller: a quick trial)")
     parser.add_argument("--output_dir", default="outputs/dpo_qlora")
@@ -74,8 +73,7 @@ def build_configs(args: argparse.Namespace) -> dict:
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     dpo = DPOConfig(
         beta=0.1,  # small: the policy may drift far from the reference; large: it stays close
-        loss_type=["sigmoid"],
-        loss_weights=None,
+        loss_type=["sigmoid"],  # plain DPO; ["sigmoid", "sft"] with loss_weights adds an SFT term (RPO)
         learning_rate=5e-6,
         lr_scheduler_type="constant",
         max_length=args.max_length or 1024,  # prompt + answer; longer pairs are truncated
