@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from utils import memory
+from utils import memory, memory_plan
 from utils.memory import ModelShape, estimate, per_gpu, shape_for
 from utils.profiles import get_profile
 
@@ -131,7 +131,7 @@ def test_a_profile_takes_its_shape_from_its_preset_or_its_model_config(tmp_path)
 
 
 def test_rtx4090_plan_fits_one_24_gib_gpu_and_a_32_gib_host_at_every_step():
-    steps = memory.plan(get_profile("rtx4090"))
+    steps = memory_plan.plan(get_profile("rtx4090"))
     assert len(steps) == 5
     for step in steps:
         assert step.gpu <= 24 * memory.GIB and step.host <= 32 * memory.GIB, step.as_row()
@@ -141,7 +141,7 @@ def test_rtx4090_plan_fits_one_24_gib_gpu_and_a_32_gib_host_at_every_step():
 
 
 def test_rtx4090_evaluates_7b_models_in_4bit_on_the_gpu_not_unquantized_on_the_host():
-    (evaluation,) = [s for s in memory.plan(get_profile("rtx4090")) if s.step.startswith("evaluation")]
+    (evaluation,) = [s for s in memory_plan.plan(get_profile("rtx4090")) if s.step.startswith("evaluation")]
     shape = shape_for("gemma-7b")
     assert memory.model_bytes(shape, "4bit") < evaluation.gpu < 24 * memory.GIB
     assert evaluation.host < memory.model_bytes(shape, "bfloat16"), "no unquantized 7B model on the host"
@@ -151,17 +151,17 @@ def test_rtx4090_evaluates_7b_models_in_4bit_on_the_gpu_not_unquantized_on_the_h
 
 
 def test_merging_7b_in_bf16_stays_on_the_host_within_32_gib():
-    merges = [s for s in memory.plan(get_profile("rtx4090")) if s.step.startswith("merge")]
+    merges = [s for s in memory_plan.plan(get_profile("rtx4090")) if s.step.startswith("merge")]
     assert len(merges) == 2
     for step in merges:
         assert step.gpu == 0 and memory.model_bytes(shape_for("gemma-7b"), "bfloat16") < step.host < 32 * memory.GIB
 
 
 def test_cpu_plan_holds_nothing_on_a_gpu_and_evaluates_in_fp32():
-    steps = memory.plan(get_profile("cpu"), cuda=False)
+    steps = memory_plan.plan(get_profile("cpu"), cuda=False)
     assert all(s.gpu == 0 and s.host > memory.PROCESS_HOST_BYTES for s in steps)
     assert "float32" in steps[-1].step
-    assert "| where | step | gpu_gib | host_gib |" in memory.describe_plan(get_profile("cpu"), cuda=False)
+    assert "| where | step | gpu_gib | host_gib |" in memory_plan.describe_plan(get_profile("cpu"), cuda=False)
 
 
 def test_the_tiny_preset_is_the_tiny_gemma_that_dry_runs_train():

@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-SOURCES = sorted(path for folder in ("utils", "benchmarks", "scripts") for path in (ROOT / folder).glob("*.py"))
+SOURCES = sorted(path for folder in ("utils", "benchmarks", "scripts", "notebooks/take_home")
+                 for path in (ROOT / folder).glob("*.py"))
 
 
 def _notebook_code(nb: Path) -> str:
@@ -97,3 +98,50 @@ def test_notebook_04_evaluates_one_model_at_a_time_without_unquantized_copies_on
     """On rtx4090, load_full_precision puts a 16 GiB bf16 Gemma 7B on the host; load_for_eval: 4-bit on the GPU."""
     code = _notebook_code(ROOT / "notebooks" / "04_dpo.ipynb")
     assert "load_full_precision" not in code and "models.load_for_eval(" in code and "models.free(" in code
+
+
+def _utils_imports() -> dict[str, set[str]]:
+    """{module: the utils modules it imports}, for every utils/*.py, imports inside functions included."""
+    modules = {path.stem for path in (ROOT / "utils").glob("*.py")}
+    graph = {}
+    for name in sorted(modules):
+        found = set()
+        for node in ast.walk(ast.parse((ROOT / "utils" / f"{name}.py").read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("utils.")}
+            elif isinstance(node, ast.ImportFrom):
+                module = f"utils.{node.module or ''}".rstrip(".") if node.level else node.module or ""
+                if module == "utils":
+                    found |= {a.name for a in node.names}
+                elif module.startswith("utils."):
+                    found.add(module.split(".")[1])
+        graph[name] = found & modules - {name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle as [a, b, ..., a], or [] when the graph has none (depth-first search)."""
+    state: dict[str, str] = {}  # "open" while on the current path, "done" after
+
+    def visit(node: str, path: list[str]) -> list[str]:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return [*path[path.index(nxt):], nxt]
+            if nxt not in state and (found := visit(nxt, [*path, nxt])):
+                return found
+        state[node] = "done"
+        return []
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return []
+
+
+def test_utils_modules_import_each_other_without_cycles():
+    """A cycle (models -> memory -> models, once) works only while its import sits inside a function."""
+    graph = _utils_imports()
+    assert {"memory", "recipes"} <= graph["models"] and "memory_plan" in graph["run"], graph  # run's: in a function
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]  # the check sees one
+    assert _cycle(graph) == [], " -> ".join(_cycle(graph))

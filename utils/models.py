@@ -343,7 +343,7 @@ def merge_adapter(profile: Profile, adapter_dir: str | Path, out_dir: str | Path
     base = load_full_precision(profile, base_path)
     n_params = sum(p.numel() for p in base.parameters())
     print(f"Merging on the CPU in {merge_dtype(profile)}: the model takes "
-          f"{n_params * base.dtype.itemsize / 2**30:.1f} GiB of RAM (memory.plan has the whole step).")
+          f"{n_params * base.dtype.itemsize / 2**30:.1f} GiB of RAM (memory_plan.plan has the whole step).")
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")

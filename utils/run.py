@@ -102,7 +102,7 @@ def run_course(profile_name: str, output_dir: Path, only: list[str] | None = Non
 
 def check_machine(profile_name: str) -> dict:
     """What this machine has, the profile's precision and why, and a forecast of the course's time and memory
-    (memory.plan: what each step of notebooks 02 and 04 holds on the GPU and the host).
+    (memory_plan.plan: what each step of notebooks 02 and 04 holds on the GPU and the host).
 
     On the cpu profile the forecast comes from one timed SFT step of the course's set-up (about a minute); on a GPU
     profile (and its dry run) from utils.forecast: an RTX 4090, notebook by notebook, with every input.
@@ -110,7 +110,7 @@ def check_machine(profile_name: str) -> dict:
     import psutil
     import torch
 
-    from utils import forecast, memory, precision, timing
+    from utils import forecast, memory, memory_plan, precision, timing
 
     profile = get_profile(profile_name)
     info = {
@@ -123,7 +123,7 @@ def check_machine(profile_name: str) -> dict:
         "compute_dtype_reason": profile.compute_dtype_reason,
         "matmul_gflops": {name: round(timing.matmul_gflops(getattr(torch, name)), 1) for name in precision.DTYPES},
         "estimated_training_gib": round(memory.estimate_profile(profile).total / 2**30, 1),
-        "memory_plan": [step.as_row() for step in memory.plan(profile)],  # GPU and host, step by step
+        "memory_plan": [step.as_row() for step in memory_plan.plan(profile)],  # GPU and host, step by step
     }
     if profile.name in timing.COURSE_STEP_EQUIVALENTS:
         print(f"Timing one SFT step of the {profile.name} profile in {profile.compute_dtype}...", file=sys.stderr)
