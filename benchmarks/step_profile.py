@@ -26,7 +26,9 @@ BACKWARD = "autograd::engine::evaluate_function"
 CATEGORIES = [
     ("optimizer", ("Optimizer.step",)),
     ("data collation", ("enumerate(DataLoader)",)),
-    ("LM head (TRL's fused head, 262k vocabulary)", ("ChunkedLogProbFunction", f"{BACKWARD}: ChunkedLogProbFunction")),
+    ("LM head (fused: utils.lm_head on the CPU, 262k vocabulary)",
+     ("ChunkedLogProbFunction", f"{BACKWARD}: ChunkedLogProbFunction", "CpuLogProbFunction",
+      f"{BACKWARD}: CpuLogProbFunction")),
     ("turn-token rows (merged embedding rebuilt)", ("aten::index_copy", f"{BACKWARD}: IndexCopyBackward",
                                                     f"{BACKWARD}: EmbeddingBackward")),
     ("4-bit layers (de-quantize + matmul)", ("MatMul4Bit", f"{BACKWARD}: MatMul4BitBackward", "bitsandbytes::")),

@@ -22,9 +22,9 @@ def _run(function, hidden, weight, targets, dtype, scale):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale", [1.0, 0.5])
-def test_cpu_head_matches_trls_chunked_head(dtype, scale):
+@pytest.mark.parametrize("n", [100, lm_head.TOKENS_PER_CHUNK + 44])  # one chunk (kept for backward); two, recomputed
+def test_cpu_head_matches_trls_chunked_head(dtype, scale, n):
     torch.manual_seed(0)
-    n = lm_head.TOKENS_PER_CHUNK + 44  # two token chunks, the second partial
     hidden, weight = torch.randn(n, 64), torch.randn(1000, 64) * 0.3
     targets = torch.randint(0, 1000, (n,))
     mine, trl = (_run(f, hidden, weight, targets, dtype, scale) for f in (lm_head.CpuLogProbFunction,

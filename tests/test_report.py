@@ -19,6 +19,15 @@ def test_record_merges_metrics(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"a/x": 3.0, "b/y": 2.5}
 
 
+def test_recorded_since_cleared_counts_a_value_recorded_again_unchanged(tmp_path):
+    report.record(tmp_path, "a/x", 1)
+    report.clear_recorded(tmp_path)
+    assert report.recorded_since_cleared(tmp_path) == {}
+    report.record(tmp_path, "a/x", 1)  # a rerun measuring the same: still this notebook's metric
+    report.record(tmp_path, "b/y", 2)
+    assert report.recorded_since_cleared(tmp_path) == {"a/x": 1.0, "b/y": 2.0}
+
+
 def test_manifest_carries_the_whole_profile_and_the_configs(tmp_path):
     from peft import LoraConfig
 

@@ -99,3 +99,5 @@ def test_successful_run_writes_html_and_clears_the_incomplete_marker(fake_course
     assert run.run_course("cpu", out, only=["01"]) == 0
     assert (out / "01_ok.ipynb").exists() and (out / "01_ok.html").exists()
     assert not (out / run.INCOMPLETE).exists()
+    assert run.run_course("cpu", out, only=["01"]) == 0  # again: the same value is still what 01 recorded
+    assert "ok/value = 42" in (out / "summary.md").read_text()

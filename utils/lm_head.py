@@ -3,7 +3,8 @@
 TRL 1.16 projects the 262k-row output layer in tiles and, without Triton, folds each tile with a dozen element-wise
 torch passes and fp32 copies of the tile and the weight; on a CPU that was three quarters of a course training step
 (`make bench`, step profile). Here each token chunk's logits are projected once in the compute dtype, reduced with
-`logsumexp`, and recomputed in the backward pass (as TRL does, so memory stays bounded): the same values and gradients.
+`logsumexp`, and kept for the backward pass when one chunk holds all positions, else recomputed there (as TRL does, so
+memory stays bounded): the same values and gradients.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class CpuLogProbFunction(torch.autograd.Function):
         log_z, logprobs = hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
         extra = {name: hidden.new_empty(n, dtype=torch.bool if name == "is_top1" else torch.float32)
                  for name in ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1") if name in outputs}
+        keep = n <= TOKENS_PER_CHUNK and any(ctx.needs_input_grad[:3])  # one chunk: keep its log-probs for backward
+        ctx.kept = None
         with torch.autocast("cpu", enabled=False), torch.no_grad():
             w = weight.to(dtype)
             for s in range(0, n, TOKENS_PER_CHUNK):
@@ -45,8 +48,10 @@ class CpuLogProbFunction(torch.autograd.Function):
                     extra["mean_logits"][s:e] = z.mean(-1)
                 if "is_top1" in extra:  # the first maximum, as TRL counts ties
                     extra["is_top1"][s:e] = z.argmax(-1) == t
+                if keep:
+                    ctx.kept = z.sub_(log_z[s:e, None])
                 if "entropy" in extra or "log_sum_sq_probs" in extra:
-                    log_p = z.sub_(log_z[s:e, None])
+                    log_p = z if keep else z.sub_(log_z[s:e, None])
                     p = log_p.exp()
                     if "entropy" in extra:  # row-wise dot products: no third logits-sized buffer
                         extra["entropy"][s:e] = -torch.bmm(p[:, None, :], log_p[:, :, None]).view(-1)
@@ -71,7 +76,8 @@ class CpuLogProbFunction(torch.autograd.Function):
             for s in range(0, n, TOKENS_PER_CHUNK):  # in place where it can: fresh 268 MB buffers cost page faults
                 e = min(s + TOKENS_PER_CHUNK, n)
                 h = hidden[s:e].to(dtype)
-                log_p = _logits(h, w, bias, scale).sub_(log_z[s:e, None])
+                log_p = ctx.kept if ctx.kept is not None else _logits(h, w, bias, scale).sub_(log_z[s:e, None])
+                ctx.kept = None
                 grad = log_p.exp()  # p, turned into the gradient of the logits in place
                 if grad_entropy is not None:  # d entropy / dz_j = -p_j (log p_j + entropy)
                     log_p.add_(entropy[s:e, None]).mul_(grad).mul_(grad_entropy[s:e, None].float())

@@ -17,13 +17,30 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)  # atomic: a killed run never leaves half a file
 
 
+RECORD_LOG = "recorded.log"  # the names recorded since the course runner last cleared it: what one notebook measured
+
+
 def record(out_dir: str | Path, name: str, value: float) -> float:
-    """Merge one metric into <out_dir>/metrics.json; returns the value."""
+    """Merge one metric into <out_dir>/metrics.json (and its name into recorded.log); returns the value."""
     path = Path(out_dir) / "metrics.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     data[name] = float(value)
     _write_json(path, data)
+    with open(Path(out_dir) / RECORD_LOG, "a") as log:
+        log.write(name + "\n")
     return float(value)
+
+
+def recorded_since_cleared(out_dir: str | Path) -> dict[str, float]:
+    """The metrics recorded (even with an unchanged value) since clear_recorded, with their values."""
+    log = Path(out_dir) / RECORD_LOG
+    names = set(log.read_text().split()) if log.exists() else set()
+    return {k: v for k, v in load_metrics(out_dir).items() if k in names}
+
+
+def clear_recorded(out_dir: str | Path) -> None:
+    """Start a new recorded.log (the course runner does before each notebook)."""
+    (Path(out_dir) / RECORD_LOG).unlink(missing_ok=True)
 
 
 def load_metrics(out_dir: str | Path) -> dict[str, float]:

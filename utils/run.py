@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+from utils import report
 from utils.errors import CourseError
 from utils.profiles import PROFILES, get_profile, gpu_memory_gib, resolve_name
-from utils.report import load_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -79,7 +79,7 @@ def run_course(profile_name: str, output_dir: Path, only: list[str] | None = Non
     for i, nb in enumerate(selected, 1):
         print(f"[{i}/{len(selected)}] {nb.name} (profile {profile_name})", flush=True)
         executed = output_dir / nb.name
-        before = load_metrics(output_dir)
+        report.clear_recorded(output_dir)
         start = time.time()
         try:
             pm.execute_notebook(nb, executed, cwd=str(nb.parent), kernel_name="python3", progress_bar=True,
@@ -90,9 +90,8 @@ def run_course(profile_name: str, output_dir: Path, only: list[str] | None = Non
             print(failure_paragraph(nb, executed, err), file=sys.stderr)
             return 1
         export_html(executed)
-        after = load_metrics(output_dir)
-        recorded = {k: v for k, v in after.items() if before.get(k) != v}
-        rows.append({"notebook": nb.name, "status": "ok", "seconds": time.time() - start, "metrics": recorded})
+        rows.append({"notebook": nb.name, "status": "ok", "seconds": time.time() - start,
+                     "metrics": report.recorded_since_cleared(output_dir)})
         write_summary(output_dir, profile_name, rows)
         print(f"      done in {time.time() - start:.0f} s", flush=True)
     marker.unlink()
