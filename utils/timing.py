@@ -14,9 +14,9 @@ from utils.memory import ModelShape
 from utils.profiles import Profile
 
 # The whole cpu course (`make tutorial`) costs about this many of the probe's SFT steps: the mean of the two ratios
-# measured on 2 cores of an Intel Xeon (AMX, AVX512-BF16), 2026-11-29, with notebook 04's decline probes: natively in
-# bf16 789 s / 10.4 s = 76, under the AVX2-only reproduction in fp32 1149 s / 19.2 s = 60 (README, "Which processor").
-COURSE_STEP_EQUIVALENTS = {"cpu": 68.0}
+# measured on 2 cores of an AMD EPYC (AVX512-BF16, no AMX), 2026-12-05, after issue 26's cuts: natively in bf16
+# 527 s / 7.8 s = 68, under the AVX2-only reproduction in fp32 832 s / 15.7 s = 53 (README, "Which processor").
+COURSE_STEP_EQUIVALENTS = {"cpu": 60.0}
 
 
 def matmul_gflops(dtype: torch.dtype, m: int = 512, k: int = 640, n: int = 2048, seconds: float = 0.3) -> float:
