@@ -48,10 +48,12 @@ class CpuLogProbFunction(torch.autograd.Function):
                     extra["mean_logits"][s:e] = z.mean(-1)
                 if "is_top1" in extra:  # the first maximum, as TRL counts ties
                     extra["is_top1"][s:e] = z.argmax(-1) == t
+                if not (keep or "entropy" in extra or "log_sum_sq_probs" in extra):
+                    continue
+                log_p = z.sub_(log_z[s:e, None])  # z holds the log-probabilities from here on
                 if keep:
-                    ctx.kept = z.sub_(log_z[s:e, None])
+                    ctx.kept = log_p
                 if "entropy" in extra or "log_sum_sq_probs" in extra:
-                    log_p = z if keep else z.sub_(log_z[s:e, None])
                     p = log_p.exp()
                     if "entropy" in extra:  # row-wise dot products: no third logits-sized buffer
                         extra["entropy"][s:e] = -torch.bmm(p[:, None, :], log_p[:, :, None]).view(-1)
