@@ -147,3 +147,78 @@ def test_render_steps_split_the_rendering_into_template_parts(tokenizer):
     assert "".join(r["renders"] for r in rows) == chat.render(tokenizer, conversation)
     assert "Be brief." in rows[1]["renders"] and rows[1]["inside {% generation %}"] == ""
     assert rows[2]["inside {% generation %}"] == "Paris.<end_of_turn>"  # the reply and its end, not the header
+
+
+# A solution to notebook 01's exercise: ChatML turns, a system turn of its own, Gemma's checks.
+CHATML = "".join([
+    "{{ bos_token }}",
+    "{%- if messages[0]['role'] == 'system' -%}",
+    "{{ '<|im_start|>system\n' + messages[0]['content'] | trim + '<|im_end|>\n' }}",
+    "{%- set loop_messages = messages[1:] -%}",
+    "{%- else -%}{%- set loop_messages = messages -%}{%- endif -%}",
+    "{%- for message in loop_messages -%}",
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}",
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}",
+    "{%- endif -%}",
+    "{{ '<|im_start|>' + message['role'] + '\n' }}",
+    "{%- if message['role'] == 'assistant' -%}",
+    "{%- generation -%}{{ message['content'] | trim + '<|im_end|>' }}{%- endgeneration -%}{{ '\n' }}",
+    "{%- else -%}{{ message['content'] | trim + '<|im_end|>\n' }}{%- endif -%}",
+    "{%- endfor -%}",
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}",
+])
+
+
+def _failed(rows: list[dict]) -> set[str]:
+    assert [r["check"] for r in rows] == list(chat.TEMPLATE_CHECKS)
+    return {r["check"] for r in rows if not r["passed"]}
+
+
+def test_check_template_passes_the_course_template_and_a_chatml_solution(tokenizer):
+    assert _failed(chat.check_template(tokenizer, chat.GEMMA_TEMPLATE)) == set()
+    rows = chat.check_template(tokenizer, CHATML, end_of_turn="<|im_end|>")
+    assert _failed(rows) == set()
+    assert rows[4]["detail"] == "trained on ['Paris.<|im_end|>', 'Rome.<|im_end|>']"
+
+
+def test_check_template_leaves_the_tokenizer_template_alone(tokenizer):
+    chat.check_template(tokenizer, CHATML, end_of_turn="<|im_end|>")
+    assert tokenizer.chat_template == chat.GEMMA_TEMPLATE
+
+
+@pytest.mark.parametrize(
+    ("template", "failed"),
+    [
+        (chat.GEMMA_TEMPLATE.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", ""),
+         {"mask = replies + end of turn"}),
+        # the header inside the markers: the model would be trained to write "model\n" itself
+        (chat.GEMMA_TEMPLATE.replace("{{ '<start_of_turn>model\n' }}{%- generation -%}",
+                                     "{%- generation -%}{{ '<start_of_turn>model\n' }}"),
+         {"mask = replies + end of turn"}),
+        # <end_of_turn> outside the markers: the model never learns to stop
+        (chat.GEMMA_TEMPLATE.replace("{{ '<end_of_turn>' }}{%- endgeneration -%}",
+                                     "{%- endgeneration -%}{{ '<end_of_turn>' }}"),
+         {"mask = replies + end of turn"}),
+        (chat.GEMMA_TEMPLATE.replace("{%- if add_generation_prompt -%}", "{%- if false -%}"),
+         {"generation prompt opens the reply"}),
+        (chat.GEMMA_TEMPLATE.replace("{{ bos_token }}", ""), {"one <bos>, at the start"}),
+        (chat.GEMMA_TEMPLATE.replace("{{ bos_token }}", "{{ bos_token }}{{ bos_token }}"), {"one <bos>, at the start"}),
+        (chat.GEMMA_TEMPLATE.replace("{{ raise_exception('Conversation roles must alternate", "{{ ('"),
+         {"raises on non-alternating roles"}),  # prints the message instead of raising it
+        # Gemma 7B's official template refuses a system message
+        ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+         + chat.GEMMA_TEMPLATE, {"keeps the system text"}),
+        (chat.ZEPHYR_TEMPLATE, {"one <bos>, at the start", "mask = replies + end of turn",
+                                "raises on non-alternating roles"}),
+    ],
+    ids=["no-markers", "header-trained", "end-untrained", "no-generation-prompt", "no-bos", "two-bos",
+         "no-alternation-check", "no-system", "zephyr"],
+)
+def test_check_template_names_what_a_broken_template_gets_wrong(tokenizer, template, failed):
+    assert _failed(chat.check_template(tokenizer, template)) == failed
+
+
+def test_check_template_reports_a_syntax_error_on_every_row_without_raising(tokenizer):
+    rows = chat.check_template(tokenizer, "{% for message in messages %}{{ message['content'] }}")
+    assert not any(r["passed"] for r in rows)
+    assert all(r["detail"].startswith("TemplateSyntaxError") for r in rows)

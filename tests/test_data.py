@@ -392,6 +392,20 @@ def test_preference_forms_normalise_identically(row):
         assert set(result) == {"prompt", "chosen", "rejected"}, name
 
 
+def test_check_preference_rows_tables_every_row_and_names_the_problem_without_raising():
+    good, same, mismatched = pref_row(1), pref_row(2), pref_row(3)
+    _chosen_equals_rejected(same)
+    _set(("prompt",), "Some other prompt?")(mismatched)
+    table = data.check_preference_rows([good, same, mismatched, {"prompt": "Hi?", "chosen": "Hello.",
+                                                                 "rejected": "Go away."}])
+    assert [r["valid"] for r in table] == [True, False, False, True]
+    assert table[0] == {"prompt": good["prompt"], "chosen": "It is 1.", "rejected": "It is 2, I think.",
+                        "valid": True, "problem": ""}
+    assert "identical" in table[1]["problem"] and "differs" in table[2]["problem"]
+    assert table[2]["prompt"] == "Some other prompt?" and table[2]["chosen"] == ""
+    assert table[3]["chosen"] == "Hello."  # TRL's standard form (plain strings) is accepted too
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 7. Property: validation never crashes, whatever it is given
 # ----------------------------------------------------------------------------------------------------------------

@@ -104,6 +104,17 @@ def test_lora_config_trains_turn_rows_and_fixes_the_head(tokenizer, tiny_model):
     assert "trainable:" in models.describe_trainable(model)
 
 
+def test_count_lora_parameters_on_the_meta_device_matches_the_loaded_4bit_model(tokenizer):
+    config = recipes.lora_config(PROFILE, tokenizer)
+    counted = models.count_lora_parameters(PROFILE, config)
+    assert config.target_modules == "all-linear", "the learner's config is left as written"
+    loaded = models.trainable_parameters(models.add_lora(models.load_base_model(PROFILE), config))
+    assert (counted["trainable"], counted["total"]) == loaded
+    attention = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                           task_type="CAUSAL_LM")
+    assert 0 < models.count_lora_parameters(PROFILE, attention)["trainable"] < counted["trainable"]
+
+
 def _train_adapter(tiny_model, tokenizer, token_rows: bool) -> PeftModel:
     extra = {"trainable_token_indices": {"embed_tokens": [105, 106]}, "ensure_weight_tying": True} if token_rows else {}
     model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",

@@ -3,6 +3,7 @@ rtx4090 path on the CPU (the rtx4090-dryrun profile) and assert that it took the
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -99,6 +100,18 @@ def test_04_saved_models(course):
     manifest = report.read_manifest(course, "dpo", made_by="notebook 04")
     assert (Path(manifest["merged_dir"]) / "model.safetensors").exists()
     assert (course / "plots" / "dpo_metrics.png").exists()
+
+
+EXERCISE_FILES = ["01_chat_template/chat_template.jinja", "02_lora_attention_only/trainable.json",
+                  "03_my_pairs/train_prefs.jsonl", "04_my_dpo_config/dpo_config.json"]
+
+
+def test_every_exercise_stub_ran_and_wrote_to_a_folder_of_its_own(course):
+    """Issue 24: the stubs run under papermill without training, each into <out>/exercises/<its name>/."""
+    assert [f for f in EXERCISE_FILES if not (course / "exercises" / f).is_file()] == []
+    counts = json.loads((course / "exercises" / EXERCISE_FILES[1]).read_text())
+    assert 0 < counts["yours"]["trainable"] <= counts["course"]["trainable"]
+    assert not list((course / "exercises").rglob("checkpoint-*")), "a stub trained without EXERCISE_TRAIN"
 
 
 def recipe_differences(out_dir: Path, stage: str) -> list[str]:

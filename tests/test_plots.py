@@ -47,3 +47,11 @@ def test_dpo_dashboard_has_four_panels_with_train_and_eval():
     assert len(fig.axes) == 4
     labels = [line.get_label() for line in fig.axes[1].get_lines()]
     assert "train rewards/chosen" in labels and "eval rewards/rejected" in labels
+    assert "eval DPO term alone" not in [line.get_label() for line in fig.axes[0].get_lines()]
+
+
+def test_dpo_dashboard_draws_the_dpo_term_beside_the_total_loss():
+    fig = plots.dpo_dashboard(LOG, dpo_term={0: 0.693, 2: 0.41})
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert list(lines["eval DPO term alone"].get_ydata()) == [0.693, 0.41]
+    assert "train loss" in lines and "ln 2" in [t.get_text() for t in fig.axes[0].texts]

@@ -145,3 +145,39 @@ def test_utils_modules_import_each_other_without_cycles():
     assert {"memory", "recipes"} <= graph["models"] and "memory_plan" in graph["run"], graph  # run's: in a function
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]  # the check sees one
     assert _cycle(graph) == [], " -> ".join(_cycle(graph))
+
+
+LESSON_CALLS = {
+    "02": ["AutoModelForCausalLM.from_pretrained(", "quantization_config=", "get_peft_model(", ".train("],
+    "04": ["AutoModelForCausalLM.from_pretrained(", "quantization_config=", "peft_config=", "merge_and_unload(",
+           ".train("],
+}
+
+
+def _sections(nb: Path) -> list[list[str]]:
+    """The code cells of each `## ` section (the first holds the cells before any)."""
+    sections: list[list[str]] = [[]]
+    for cell in json.loads(nb.read_text())["cells"]:
+        text = "".join(cell["source"])
+        if cell["cell_type"] == "markdown" and re.search(r"^## ", text, re.M):
+            sections.append([])
+        elif cell["cell_type"] == "code":
+            sections[-1].append(text)
+    return sections
+
+
+@pytest.mark.parametrize("number", sorted(LESSON_CALLS))
+def test_notebooks_02_and_04_show_the_real_calls_with_plumbing_out_of_the_way(number):
+    """Issue 24: the calls that make QLoRA and DPO work are in the cells; recording is one call per section at most;
+    resuming is one line (no resume.* call); one plain model.generate after left padding."""
+    nb = next(p for p in NOTEBOOKS if p.name.startswith(number))
+    code = _notebook_code(nb)
+    assert [call for call in LESSON_CALLS[number] if call not in code] == []
+    assert "resume." not in code and "with resumable(" in code
+    generating = [cell for section in _sections(nb) for cell in section if "model.generate(" in cell]
+    assert generating and all(cell.index('padding_side = "left"') < cell.index("model.generate(")
+                              for cell in generating if 'padding_side = "left"' in cell)
+    assert any('padding_side = "left"' in cell for cell in generating)
+    for section in _sections(nb):
+        calls = sum(len(re.findall(r"report\.record(?:_metrics)?\(", cell)) for cell in section)
+        assert calls <= 1, f"{calls} recording calls in one section of {nb.name}: record a section at once"

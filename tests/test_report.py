@@ -19,6 +19,13 @@ def test_record_merges_metrics(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"a/x": 3.0, "b/y": 2.5}
 
 
+def test_record_metrics_records_a_section_at_once(tmp_path):
+    report.record(tmp_path, "a/x", 1)
+    assert report.record_metrics(tmp_path, {"a/x": 2, "b/y": True}) == {"a/x": 2.0, "b/y": 1.0}
+    assert report.load_metrics(tmp_path) == {"a/x": 2.0, "b/y": 1.0}
+    assert report.recorded_since_cleared(tmp_path) == {"a/x": 2.0, "b/y": 1.0}
+
+
 def test_recorded_since_cleared_counts_a_value_recorded_again_unchanged(tmp_path):
     report.record(tmp_path, "a/x", 1)
     report.clear_recorded(tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from utils import resume
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The same resume wiring as notebooks 02 and 04: resume.resume_point_or_clear(...), then trainer.train(...).
+# The same resume wiring as notebooks 02 and 04: `with resume.resumable(...) as checkpoint: trainer.train(...)`.
 SCRIPT = r'''
 import sys, time, torch
 from transformers import TrainerCallback
@@ -42,10 +43,9 @@ config = SFTConfig(output_dir=out, max_steps=8, save_steps=2, per_device_train_b
                    logging_steps=1, disable_tqdm=True, save_only_model=False)
 trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                      callbacks=[Slow()])
-checkpoint = resume.resume_point_or_clear(config, {"rows": len(rows)})
-print(f"RESUME {checkpoint}", flush=True)
-trainer.train(resume_from_checkpoint=checkpoint)
-resume.mark_finished(config)
+with resume.resumable(config, {"rows": len(rows)}) as checkpoint:
+    print(f"RESUME {checkpoint}", flush=True)
+    trainer.train(resume_from_checkpoint=checkpoint)
 print(f"DONE {trainer.state.global_step}", flush=True)
 '''
 
@@ -85,6 +85,20 @@ def test_resume_point_or_clear_resumes_only_an_unfinished_run_of_the_same_plan(t
     assert not (tmp_path / "run" / "checkpoint-5").exists()
     out = capsys.readouterr().out
     assert "Resuming from" in out and "other settings or inputs" in out and "a finished run" in out
+
+
+def test_resumable_marks_the_run_finished_only_when_its_block_completes(tmp_path):
+    from trl import SFTConfig
+
+    config = SFTConfig(output_dir=str(tmp_path / "run"), max_steps=20, use_cpu=True)
+    plan = tmp_path / "run" / resume.PLAN_FILE
+    with pytest.raises(KeyboardInterrupt), resume.resumable(config, {"rows": 3}) as checkpoint:
+        assert checkpoint is None
+        raise KeyboardInterrupt  # interrupted training: the plan stays unfinished, so the next run resumes
+    assert json.loads(plan.read_text())["finished"] is False
+    with resume.resumable(config, {"rows": 3}):
+        pass
+    assert json.loads(plan.read_text())["finished"] is True
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The Gemma chat template, tokenizer set-up, the loss-mask view, and chatting with a model."""
+"""The Gemma chat template, tokenizer set-up, the loss-mask view, checks for any template, and chatting with a model."""
 
 from __future__ import annotations
 
@@ -170,6 +170,112 @@ class MaskView:
 
     def __repr__(self) -> str:
         return "[[token:id]] = trained on, token:id = context only\n" + self.text
+
+
+# The conversation check_template renders: two exchanges, so the mask must find two separate replies.
+CHECK_CONVERSATION = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Italy?"},
+    {"role": "assistant", "content": "Rome."},
+]
+NOT_ALTERNATING = {  # conversations a template must refuse (raise_exception), by what is wrong with them
+    "user, user": [{"role": "user", "content": "Hi."}, {"role": "user", "content": "Hello?"}],
+    "user, assistant, assistant": [*CHECK_CONVERSATION[:2], {"role": "assistant", "content": "Or Lyon."}],
+    "starts with assistant": [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Hello."}],
+}
+
+
+def _apply(tokenizer, template: str, messages: list[dict], **kwargs):
+    return tokenizer.apply_chat_template(messages, chat_template=template, **kwargs)
+
+
+def _check_renders(tokenizer, template: str, end_of_turn: str) -> tuple[bool, str]:
+    text = _apply(tokenizer, template, CHECK_CONVERSATION, tokenize=False)
+    missing = [m["content"] for m in CHECK_CONVERSATION if m["content"] not in text]
+    return not missing, f"missing {missing}: {text!r}" if missing else text.replace("\n", "\\n")
+
+
+def _check_one_bos(tokenizer, template: str, end_of_turn: str) -> tuple[bool, str]:
+    ids = _apply(tokenizer, template, CHECK_CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
+    count = ids.count(tokenizer.bos_token_id)
+    first = tokenizer.convert_ids_to_tokens(ids[0])
+    return count == 1 and ids[0] == tokenizer.bos_token_id, f"{count} {tokenizer.bos_token}, first token {first!r}"
+
+
+def _check_system(tokenizer, template: str, end_of_turn: str) -> tuple[bool, str]:
+    system = {"role": "system", "content": "Answer in one word."}
+    text = _apply(tokenizer, template, [system, *CHECK_CONVERSATION[:2]], tokenize=False)
+    return system["content"] in text, text.replace("\n", "\\n")
+
+
+def _check_generation_prompt(tokenizer, template: str, end_of_turn: str) -> tuple[bool, str]:
+    question = CHECK_CONVERSATION[:1]
+    plain = _apply(tokenizer, template, question, tokenize=False)
+    prompt = _apply(tokenizer, template, question, tokenize=False, add_generation_prompt=True)
+    with_reply = _apply(tokenizer, template, CHECK_CONVERSATION[:2], tokenize=False)
+    added = prompt[len(plain):] if prompt.startswith(plain) else None
+    if not added:
+        return False, "add_generation_prompt=True appends nothing after the conversation"
+    if not with_reply.startswith(prompt):
+        return False, f"appends {added!r}, but a reply in training data does not start that way"
+    return True, f"appends {added!r}, the start of the assistant's turn"
+
+
+def _check_mask(tokenizer, template: str, end_of_turn: str) -> tuple[bool, str]:
+    enc = _apply(tokenizer, template, CHECK_CONVERSATION, tokenize=True, return_dict=True,
+                 return_assistant_tokens_mask=True)
+    spans, previous = [], 0
+    for token_id, on in zip(enc["input_ids"], enc["assistant_masks"]):
+        if on and not previous:
+            spans.append([])
+        if on:
+            spans[-1].append(token_id)
+        previous = on
+    trained = [tokenizer.decode(span) for span in spans]
+    expected = [m["content"] + end_of_turn for m in CHECK_CONVERSATION if m["role"] == "assistant"]
+    if not trained:
+        return False, "no token is marked: wrap each reply in {% generation %} ... {% endgeneration %}"
+    return trained == expected, f"trained on {trained}" + ("" if trained == expected else f", expected {expected}")
+
+
+def _check_alternation(tokenizer, template: str, end_of_turn: str) -> tuple[bool, str]:
+    _apply(tokenizer, template, CHECK_CONVERSATION, tokenize=False)  # a template that cannot render fails here
+    accepted, error = [], ""
+    for name, messages in NOT_ALTERNATING.items():
+        try:
+            _apply(tokenizer, template, messages, tokenize=False)
+            accepted.append(name)
+        except Exception as err:  # raise_exception() raises jinja2's TemplateError
+            error = str(err)
+    if accepted:
+        return False, f"no error for: {'; '.join(accepted)}"
+    return True, f"raises on all {len(NOT_ALTERNATING)}: {error}"
+
+
+TEMPLATE_CHECKS = {
+    "renders the conversation": _check_renders,
+    "one <bos>, at the start": _check_one_bos,
+    "keeps the system text": _check_system,
+    "generation prompt opens the reply": _check_generation_prompt,
+    "mask = replies + end of turn": _check_mask,
+    "raises on non-alternating roles": _check_alternation,
+}
+
+
+def check_template(tokenizer, template: str, end_of_turn: str = END_OF_TURN) -> list[dict]:
+    """Run the course's checks on a chat template without raising: one {"check", "passed", "detail"} row each.
+
+    end_of_turn is the text that closes a reply in this template (Gemma: <end_of_turn>, ChatML: <|im_end|>).
+    """
+    rows = []
+    for name, check in TEMPLATE_CHECKS.items():
+        try:
+            passed, detail = check(tokenizer, template, end_of_turn)
+        except Exception as err:  # a template error, or one the learner's Jinja raised: the check fails
+            passed, detail = False, f"{type(err).__name__}: {err}"
+        rows.append({"check": name, "passed": passed, "detail": detail})
+    return rows
 
 
 def turn_token_ids(tokenizer) -> list[int]:

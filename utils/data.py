@@ -180,6 +180,22 @@ def normalise_preference_row(row: dict) -> dict:
     return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
 
 
+def check_preference_rows(rows: list[dict]) -> list[dict]:
+    """Validate each row with normalise_preference_row without raising: one row of {"prompt", "chosen", "rejected",
+    "valid", "problem"} each, the texts as DPO will see them (the prompt's last turn), problem empty when valid."""
+    table = []
+    for row in rows:
+        try:
+            pair = normalise_preference_row(row)
+        except CourseError as err:
+            table.append({"prompt": str(row.get("prompt", "")), "chosen": "", "rejected": "", "valid": False,
+                          "problem": str(err)})
+            continue
+        table.append({"prompt": pair["prompt"][-1]["content"], "chosen": pair["chosen"][0]["content"],
+                      "rejected": pair["rejected"][0]["content"], "valid": True, "problem": ""})
+    return table
+
+
 def _validate(ds: DatasetDict, check, where_source: str, skip_invalid: bool) -> DatasetDict:
     out = {}
     for split, part in ds.items():

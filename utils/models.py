@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
@@ -282,6 +284,15 @@ def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+
+
+def count_lora_parameters(profile: Profile, config: LoraConfig) -> dict[str, float]:
+    """Trainable and total parameters of the profile's model wrapped with config, counted on the meta device: no
+    weights are loaded, so it costs nothing beside a model in training (4-bit weights count as their logical size)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_source(profile)))
+    trainable, total = trainable_parameters(get_peft_model(model, copy.deepcopy(config)))  # PEFT rewrites its config
+    return {"trainable": trainable, "total": total, "trainable %": 100 * trainable / total}
 
 
 def describe_trainable(model: torch.nn.Module) -> str:

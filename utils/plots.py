@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -111,10 +112,19 @@ def dpo_metric(log_history: list[dict], keys: tuple[str, ...], title: str, ax: A
     return ax
 
 
-def dpo_dashboard(log_history: list[dict]) -> plt.Figure:
-    """Four panels: loss, rewards chosen/rejected, margins with accuracies, log-probs chosen/rejected."""
+def dpo_dashboard(log_history: list[dict], dpo_term: dict[int, float] | None = None) -> plt.Figure:
+    """Four panels: loss, rewards chosen/rejected, margins with accuracies, log-probs chosen/rejected.
+
+    dpo_term: {step: the evaluated DPO term} (evaluate.loss_terms), drawn beside TRL's loss with ln 2 marked; with an
+    SFT term TRL logs only the sum."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    dpo_metric(log_history, ("loss",), "Loss should fall (the DPO term alone starts at ln 2)", axes[0, 0])
+    dpo_metric(log_history, ("loss",), "Loss should fall; the DPO term starts at ln 2", axes[0, 0])
+    if dpo_term:
+        steps = sorted(dpo_term)
+        axes[0, 0].plot(steps, [dpo_term[s] for s in steps], ":D", color="black", label="eval DPO term alone")
+        axes[0, 0].axhline(math.log(2), color="grey", linewidth=0.8, linestyle=":")
+        axes[0, 0].annotate("ln 2", (steps[0], math.log(2)), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        axes[0, 0].legend(fontsize=7)
     dpo_metric(log_history, ("rewards/chosen", "rewards/rejected"), "Rewards: chosen above rejected", axes[0, 1])
     dpo_metric(log_history, ("rewards/margins", "rewards/accuracies"), "Margin and accuracy should rise", axes[1, 0])
     dpo_metric(log_history, ("logps/chosen", "logps/rejected"), "Log-probs: watch chosen not collapse", axes[1, 1])

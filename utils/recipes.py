@@ -156,8 +156,9 @@ def sft_recipe(profile: Profile, tokenizer, output_dir: str | Path) -> dict:
 
 
 def dpo_recipe(profile: Profile, output_dir: str | Path) -> dict:
-    """Everything DPO is configured with: {"lora": LoraConfig, "dpo": DPOConfig}."""
-    return {"lora": dpo_lora_config(profile), "dpo": dpo_config(profile, output_dir)}
+    """Everything DPO is configured with: {"quantization": BitsAndBytesConfig, "lora": LoraConfig, "dpo": DPOConfig}."""
+    return {"quantization": quantization_config(profile), "lora": dpo_lora_config(profile),
+            "dpo": dpo_config(profile, output_dir)}
 
 
 def differences(recorded: dict[str, dict], recipe: dict) -> list[str]:

@@ -10,11 +10,14 @@ from pathlib import Path
 from utils.errors import CourseError
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: str | Path, data: dict) -> Path:
+    """Write data as indented JSON at path (its folders made), atomically; returns the path."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)  # atomic: a killed run never leaves half a file
+    return path
 
 
 RECORD_LOG = "recorded.log"  # the names recorded since the course runner last cleared it: what one notebook measured
@@ -25,10 +28,15 @@ def record(out_dir: str | Path, name: str, value: float) -> float:
     path = Path(out_dir) / "metrics.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     data[name] = float(value)
-    _write_json(path, data)
+    write_json(path, data)
     with open(Path(out_dir) / RECORD_LOG, "a") as log:
         log.write(name + "\n")
     return float(value)
+
+
+def record_metrics(out_dir: str | Path, metrics: dict[str, float]) -> dict[str, float]:
+    """Record a section's metrics at once (each as `record` does); returns them as floats."""
+    return {name: record(out_dir, name, value) for name, value in metrics.items()}
 
 
 def recorded_since_cleared(out_dir: str | Path) -> dict[str, float]:
@@ -70,7 +78,7 @@ def write_manifest(out_dir: str | Path, name: str, profile, configs: dict[str, d
     Notebooks and scripts both write it with this function; `configs` are config_as_dict records.
     """
     path = Path(out_dir) / name / "manifest.json"
-    _write_json(path, {"profile": asdict(profile), "configs": configs, **data})
+    write_json(path, {"profile": asdict(profile), "configs": configs, **data})
     return path
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -47,6 +49,14 @@ def mark_finished(config) -> None:
     """Record that the run in config.output_dir completed, so that running it again trains afresh."""
     saved = Path(config.output_dir) / PLAN_FILE
     saved.write_text(json.dumps({**json.loads(saved.read_text()), "finished": True}, indent=1))
+
+
+@contextmanager
+def resumable(config, inputs: dict) -> Iterator[str | None]:
+    """Around `trainer.train`: yields the checkpoint an interrupted run of this plan resumes from (None: afresh), and
+    marks the run finished when the block completes, so that the next run trains afresh (resume_point_or_clear)."""
+    yield resume_point_or_clear(config, inputs)
+    mark_finished(config)
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
