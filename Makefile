@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= auto
 
-.PHONY: tutorial test test-avx2 unit gpu-check bench bench-learning lab model check clean distclean
+.PHONY: tutorial test test-avx2 unit gpu-check bench bench-learning bench-frontier lab model check clean distclean
 
 # PyTorch's CPU build (about 190 MB) from its own index on Linux without an NVIDIA GPU, where PyPI's wheel is the CUDA
 # build with several GB of NVIDIA libraries; PyPI's wheel elsewhere. Choose by hand: make TORCH_INDEX=URL (or =pypi).
@@ -44,6 +44,9 @@ bench: model  ## training speed (course vs TRL defaults, DPO precompute) and mem
 
 bench-learning: model  ## what SFT and DPO learn on three seeds: floors, decline rates (about 50 min) -> benchmarks/results/learning.*
 	$(PY) benchmarks/learning.py
+
+bench-frontier: model  ## what DPO settings do to harmful / benign / ordinary replies, 9 settings x 3 seeds (85 min) -> benchmarks/results/frontier.*
+	$(PY) benchmarks/frontier.py
 
 check: model  ## this machine, the precision it computes in and why, `make tutorial`'s time (one timed SFT step), the memory plan
 	$(PY) -m utils.run --check --profile $(PROFILE)

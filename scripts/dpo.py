@@ -42,7 +42,7 @@ def main() -> None:
     terms0 = evaluate.loss_terms(trainer, step0)  # the DPO term apart from an SFT term: ln 2 at step 0
     with state.main_process_first():  # the main process removes checkpoints of another plan before the others look
         checkpoint = resume.resume_point_or_clear(config, {"profile": profile, "sft": sft})
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trained = trainer.train(resume_from_checkpoint=checkpoint)
     if state.is_main_process:
         resume.mark_finished(config)
     final = trainer.evaluate()
@@ -60,6 +60,7 @@ def main() -> None:
         report.record(out_dir, "dpo/rewards_abs_step0",
                       max(abs(step0["eval_rewards/chosen"]), abs(step0["eval_rewards/rejected"])))
         report.record(out_dir, "dpo/eval_accuracy", final["eval_rewards/accuracies"])
+        report.record(out_dir, "dpo/train_seconds", trained.metrics["train_runtime"])  # this process's part
         report.record(out_dir, "dpo/eval_margin", final["eval_rewards/margins"])
         report.record(out_dir, "dpo/eval_logps_chosen_change", final["eval_logps/chosen"] - step0["eval_logps/chosen"])
         report.write_manifest(out_dir, "dpo", profile, configs, sft_manifest=str(out_dir / "sft" / "manifest.json"),

@@ -25,6 +25,12 @@ def test_declines_reads_the_opening_in_the_first_person(reply, expected):
     assert (declines.matched_phrase(reply) is not None) is expected
 
 
+def test_decline_count_and_rate_read_the_replies():
+    replies = [{"reply": "I can't help with that."}, {"reply": "Sure, here is how."}, {"reply": "I won't do that."}]
+    assert declines.decline_count(replies) == 2
+    assert declines.decline_rate(replies) == pytest.approx(2 / 3)
+
+
 def test_rule_accuracy_counts_both_kinds_of_error():
     answers = [{"text": "I can't help with that.", "declines": True},
                {"text": "Here is how.", "declines": True},  # a missed decline
@@ -71,3 +77,12 @@ def test_probe_replies_are_the_openings_of_longer_replies(tiny_model, tokenizer)
         for short, full in zip(replies, longer[group]):
             assert full["reply"].startswith(short["reply"])  # same greedy path (batched or not): the same opening
             assert len(full["reply"]) > len(short["reply"])  # and the probe stopped early
+
+
+def test_choosing_prompts_are_kept_apart_from_both_splits():
+    groups = declines.choosing_prompts()
+    assert {g: len(p) for g, p in groups.items()} == {"harmful": 30, "benign": 30}
+    shipped = data.load_preference_dataset(declines.DATA_DIR / "ultrafeedback_mini")
+    seen = {row["prompt"][-1]["content"].lower() for split in shipped.values() for row in split}
+    choosing = [p.lower() for group in groups.values() for p in group]
+    assert len(set(choosing)) == len(choosing) and not seen & set(choosing)

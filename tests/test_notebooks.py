@@ -94,6 +94,7 @@ def test_04_dpo_declines_more_harmful_prompts_and_no_more_benign(metrics, course
     assert metrics["dpo/declines_harmful"] > metrics["sft/declines_harmful"]
     assert metrics["dpo/declines_benign"] <= metrics["sft/declines_benign"]
     assert (course / "plots" / "decline_rates.png").exists()
+    assert (course / "plots" / "frontier.png").exists()  # make bench-frontier's settings, this run placed among them
 
 
 def test_04_saved_models(course):

@@ -72,8 +72,8 @@ def test_changed_from_defaults_lists_the_course_choices(tmp_path):
 def test_dpo_config_adds_the_sft_term_only_when_weighted(tmp_path):
     plain = recipes.dpo_config(get_profile("cpu", dpo_sft_weight=0.0), tmp_path)
     assert plain.loss_type == ["sigmoid"] and plain.beta == 0.1 and plain.learning_rate == get_profile("cpu").dpo_lr
-    rpo = recipes.dpo_config(get_profile("cpu"), tmp_path)  # the cpu profile's choice (make bench-learning)
-    assert rpo.loss_type == ["sigmoid", "sft"] and rpo.loss_weights == [1.0, 1.0]
+    rpo = recipes.dpo_config(get_profile("cpu"), tmp_path)  # the cpu profile's choice (make bench-frontier)
+    assert rpo.loss_type == ["sigmoid", "sft"] and rpo.loss_weights == [1.0, 2.0]
 
 
 def test_padding_free_datasets_drop_rows_that_do_not_fit(tokenizer):

@@ -34,7 +34,7 @@ def _local_split_files(folder: Path, split: str) -> tuple[str, list[str]] | None
 def _local_splits(folder: Path) -> list[str]:
     names = {p.name.split(".")[0] for p in [*folder.glob("*.jsonl"), *folder.glob("*.parquet")]}
     names |= {p.name.split("-")[0] for p in folder.glob("data/*")}
-    return sorted(names - {"metadata"})
+    return sorted(names - {"metadata", "choosing_prompts"})
 
 
 def _hub_error(source: str, err: Exception) -> DataError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -71,9 +72,14 @@ def rule_accuracy(answers: list[dict]) -> dict:
     }
 
 
+def decline_count(replies: list[dict]) -> int:
+    """How many generated replies (chat.generate's dicts) decline."""
+    return sum(declines(r["reply"]) for r in replies)
+
+
 def decline_rate(replies: list[dict]) -> float:
     """Share of generated replies (chat.generate's dicts) that decline."""
-    return sum(declines(r["reply"]) for r in replies) / len(replies)
+    return decline_count(replies) / len(replies)
 
 
 def probe(model, tokenizer, prompts: dict[str, list[str]]) -> dict[str, list[dict]]:
@@ -105,3 +111,12 @@ def shipped_answers(folder: str | Path = DATA_DIR / "ultrafeedback_mini") -> lis
     """labelled_answers of both splits of the shipped preference data: what the rule's accuracy is measured on."""
     categories = data.load_categories(folder)
     return [a for split in data.load_preference_dataset(folder).values() for a in labelled_answers(split, categories)]
+
+
+def choosing_prompts(folder: str | Path = DATA_DIR / "ultrafeedback_mini") -> dict[str, list[str]]:
+    """Prompts kept apart for choosing a DPO setting (choosing_prompts.jsonl), by group: "harmful" and "benign"."""
+    groups: dict[str, list[str]] = {}
+    for line in (Path(folder) / "choosing_prompts.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        groups.setdefault(row["group"], []).append(row["prompt"])
+    return groups

@@ -147,3 +147,28 @@ def decline_rates(rates: dict[str, dict[str, float]], ax: Axes | None = None) ->
            title="Decline the harmful (green up), answer the benign (orange down)")
     ax.legend(fontsize=7, loc="upper left")
     return ax
+
+
+def frontier(result: dict, learner: tuple[int, int] | None = None, ax: Axes | None = None) -> Axes:
+    """`make bench-frontier`'s settings as harmful against benign held-out prompts declined: the mean over seeds with
+    its min-max range, each seed a dot, the chosen setting starred; learner is your own run's (benign, harmful)."""
+    ax = ax if ax is not None else plt.subplots(figsize=(7.5, 5))[1]
+    n = result["rows"][0]["harmful"]["n"] if result["rows"] else 25
+    palette = [c for j, c in enumerate(plt.cm.tab10.colors) if j != 7]  # grey is SFT's
+    for i, row in enumerate(result["rows"]):
+        x, y = row["benign"], row["harmful"]
+        colour = palette[i % len(palette)]
+        ax.errorbar(x["mean"], y["mean"], xerr=[[x["mean"] - x["min"]], [x["max"] - x["mean"]]],
+                    yerr=[[y["mean"] - y["min"]], [y["max"] - y["mean"]]], fmt="*" if row["setting"] == result["chosen"]
+                    else "o", ms=14 if row["setting"] == result["chosen"] else 7, color=colour, capsize=3, alpha=0.9,
+                    label=row["setting"] + (" (chosen)" if row["setting"] == result["chosen"] else ""))
+        ax.scatter(x["per seed"], y["per seed"], s=10, color=colour, alpha=0.5)
+    sft = result["sft"]
+    ax.scatter([s["declined"]["benign"] for s in sft.values()], [s["declined"]["harmful"] for s in sft.values()],
+               marker="s", color="grey", zorder=4, label="SFT (before DPO)")
+    if learner is not None:
+        ax.scatter([learner[0]], [learner[1]], marker="X", s=150, color="black", zorder=5, label="your run")
+    ax.set(xlim=(-0.5, n + 0.5), ylim=(-0.5, n + 0.5), xlabel=f"benign prompts declined (of {n}): should stay at 0",
+           ylabel=f"harmful prompts declined (of {n})", title="Up is safer, right is less helpful: aim top left")
+    ax.legend(fontsize=6.5, loc="lower right")
+    return ax

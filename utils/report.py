@@ -95,7 +95,7 @@ def read_manifest(out_dir: str | Path, name: str, made_by: str) -> dict:
 
 def bench_results(name: str = "bench") -> dict:
     """Committed benchmark results, benchmarks/results/<name>.json: `make bench` ("bench"), `make bench-learning`
-    ("learning")."""
+    ("learning"), `make bench-frontier` ("frontier")."""
     return json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results" / f"{name}.json").read_text())
 
 
