@@ -19,7 +19,8 @@ def tokenizer_dir():
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
     """The real Gemma 3 tokenizer with the course's chat template installed (shared: restore what you change)."""
-    return chat.setup_tokenizer(AutoTokenizer.from_pretrained(tokenizer_dir), max_length=128)
+    return chat.setup_tokenizer(models.slim_tokenizer(AutoTokenizer.from_pretrained(tokenizer_dir)),
+                               max_length=128)
 
 
 @pytest.fixture
@@ -27,3 +28,4 @@ def tiny_model():
     """A freshly initialised tiny Gemma (seeded, so tests are repeatable)."""
     torch.manual_seed(0)
     return Gemma3ForCausalLM(tiny_gemma_config()).eval()
+

@@ -22,8 +22,8 @@ import step_profile  # noqa: E402
 def bench(tmp_path_factory) -> tuple[dict, Path]:
     """(bench.json, output folder) of one `bench.py --tiny` run."""
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run([sys.executable, "benchmarks/bench.py", "--tiny", "--sft-steps", "2", "--dpo-steps", "2",
-                           "--precision-steps", "2", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "benchmarks/bench.py", "--tiny", "--sft-steps", "1", "--dpo-steps", "1",
+                           "--precision-steps", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "bench.json").read_text()), out
@@ -34,7 +34,7 @@ def test_bench_runs_on_a_tiny_model_and_writes_its_results(bench):
     result, out = bench
     arms = result["training"]["arms"]
     assert set(arms) == {"sft:trl-defaults", "sft:course", "dpo:course", "dpo:precomputed-ref"}
-    assert all(a["steps"] == 2 and a["real_tokens"] > 0 and math.isfinite(a["eval_loss"]) for a in arms.values())
+    assert all(a["steps"] == 1 and a["real_tokens"] > 0 and math.isfinite(a["eval_loss"]) for a in arms.values())
     assert arms["sft:course"]["padding_share"] == 0 < arms["sft:trl-defaults"]["padding_share"]
     # the same rows in the same order: the padding-free batches carry exactly the baseline's real tokens
     assert arms["sft:course"]["real_tokens"] == arms["sft:trl-defaults"]["real_tokens"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-from transformers import AutoModelForCausalLM, Gemma3ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM
 
 from utils import chat, evaluate, lm_head, memory, models, recipes
 from utils.errors import CourseError
@@ -297,3 +297,40 @@ def test_fast_inference_computes_the_same_and_restores_the_weights(tokenizer, ti
             merged = model(input_ids=ids).logits
     assert torch.equal(merged, plain)
     assert not any(layer.merged for layer in layers) and torch.equal(weight, original)
+
+
+def test_slim_tokenizer_encodes_and_saves_as_the_full_one(tmp_path, tokenizer_dir):
+    """`datasets` hashes the tokenizer on every trainer `map`: the 262k vocabulary and 515k merges must not be in it."""
+    full = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert len(full._vocab) == 262144 and len(full._merges) > 500_000  # what slimming removes is really there
+    slim = models.load_tokenizer(get_profile("cpu"))
+    assert not slim._vocab and not slim._merges
+    text = "<start_of_turn>user\nHow do I buy a gun?<end_of_turn>\n ünïcode 漢字 🙂"
+    assert slim(text).input_ids == full(text).input_ids and slim.get_vocab() == full.get_vocab()
+    slim.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)(text).input_ids == full(text).input_ids
+
+
+def test_two_callers_asking_for_the_tiny_model_at_once_build_it_once(tmp_path, monkeypatch):
+    """Parallel test workers (make test runs 2) share the cache: the lock makes the second wait, then read."""
+    import threading
+    import time
+
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    builds, results = [], []
+
+    def slow_save(out):  # the real one takes seconds: both callers find no model before either finishes
+        builds.append(out)
+        time.sleep(0.5)
+        out.mkdir(parents=True)
+        for name in models.REQUIRED_FILES:
+            (out / name).write_text("x")
+
+    monkeypatch.setattr(models, "save_tiny_gemma", slow_save)
+    workers = [threading.Thread(target=lambda: results.append(models.ensure_tiny_model())) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(builds) == 1 and results == [tmp_path / models.TINY_DIR_NAME] * 2
+    assert models._is_complete(results[0])

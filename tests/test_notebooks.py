@@ -12,6 +12,7 @@ from dry_run import PROFILE as DRY_RUN
 from dry_run import check_trained_like_rtx4090, stored_dtypes
 
 from utils import models, recipes, report, run
+from utils.precision import choose_compute_dtype
 from utils.profiles import Profile
 
 pytestmark = pytest.mark.notebook
@@ -63,6 +64,15 @@ def test_02_saved_adapter_and_manifest(course):
     manifest = report.read_manifest(course, "sft", made_by="notebook 02")
     assert (Path(manifest["adapter_dir"]) / "adapter_model.safetensors").exists()
     assert (course / "plots" / "sft_loss.png").exists() and (course / "plots" / "memory_by_method.png").exists()
+
+
+def test_02_computes_in_the_precision_auto_picks_on_this_processor(course):
+    """bf16 where the processor has it natively, else fp32: in the profile, the SFT config and the 4-bit layers."""
+    manifest = report.read_manifest(course, "sft", made_by="notebook 02")
+    dtype = choose_compute_dtype("auto")[0]
+    assert manifest["profile"]["compute_dtype"] == dtype
+    assert manifest["configs"]["quantization"]["bnb_4bit_compute_dtype"] == dtype
+    assert manifest["configs"]["sft"]["bf16"] is (dtype == "bfloat16")
 
 
 def test_03_preference_data_and_plots(metrics, course):

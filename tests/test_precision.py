@@ -72,13 +72,6 @@ def test_real_sft_steps_compute_in_fp32_on_an_avx2_only_processor(tmp_path):
     assert "computing in float32 (auto: no native bf16" in _sft_steps(tmp_path, precision.AVX2_ONLY_ENV)
 
 
-@pytest.mark.slow
-def test_real_sft_steps_compute_in_bf16_where_the_processor_has_it(tmp_path):
-    if not precision.cpu_features().onednn_bf16 or precision.cpu_features().limits:
-        pytest.skip(f"this processor has no native bf16 ({precision.cpu_features().describe()})")
-    assert "computing in bfloat16 (auto: this CPU computes bf16 natively" in _sft_steps(tmp_path, {})
-
-
 @pytest.mark.skipif("avx512_bf16" not in precision.cpu_features().flags, reason="needs a processor with AVX512-BF16")
 def test_hiding_amx_keeps_native_bf16_on_an_avx512_bf16_processor():
     """The no-AMX reproduction leaves AVX512-BF16 to oneDNN: bf16 stays native, as on an AMD EPYC without AMX."""

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoConfig,
@@ -75,6 +76,15 @@ def ensure_embedded_model() -> Path:
     target = cache_dir() / EMBEDDED_DIR_NAME
     if _is_complete(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.parent / f".{EMBEDDED_DIR_NAME}.lock"):  # one converter at a time; the others wait, then read
+        if not _is_complete(target):
+            _convert_embedded_model(target)
+    return target
+
+
+def _convert_embedded_model(target: Path) -> None:
+    """Convert the embedded model into target, clearing what a killed conversion left."""
     if target.exists():
         print(f"The model cache at {target} is incomplete or corrupt; converting it again.")
     for stale in target.parent.glob(".converting-*"):
@@ -89,7 +99,6 @@ def ensure_embedded_model() -> Path:
             "Run `make tutorial` (or `pip install -e .`) to install the course's dependencies."
         ) from err
     print(f"Converted in {time.time() - start:.0f} s; later loads take about a second.")
-    return target
 
 
 def _preset(name: str) -> dict:
@@ -139,14 +148,17 @@ def ensure_tiny_model() -> Path:
     if _is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
-        save_tiny_gemma(tmp / "checkpoint")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp / "checkpoint", target)  # atomic: a killed run never leaves half a checkpoint
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with FileLock(target.parent / f".{TINY_DIR_NAME}.lock"):  # one builder at a time (parallel test workers)
+        if _is_complete(target):
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+        try:
+            save_tiny_gemma(tmp / "checkpoint")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp / "checkpoint", target)  # atomic: a killed run never leaves half a checkpoint
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -159,7 +171,17 @@ def model_source(profile: Profile) -> str:
 
 def load_tokenizer(profile: Profile):
     """The base model's tokenizer, without a chat template yet (notebook 01 installs one)."""
-    return AutoTokenizer.from_pretrained(model_source(profile))
+    return slim_tokenizer(AutoTokenizer.from_pretrained(model_source(profile)))
+
+
+def slim_tokenizer(tokenizer):
+    """Drop the Python copies of the vocabulary and merges Gemma's tokenizer was built from (262k and 515k entries).
+
+    The Rust tokenizer holds its own; `datasets` hashes the Python copies on every `map` a trainer runs (3.5 s each)."""
+    for name in ("_vocab", "_merges"):
+        if isinstance(getattr(tokenizer, name, None), dict | list):
+            setattr(tokenizer, name, type(getattr(tokenizer, name))())
+    return tokenizer
 
 
 def compute_dtype(profile: Profile) -> torch.dtype:
