@@ -28,4 +28,3 @@ def tiny_model():
     """A freshly initialised tiny Gemma (seeded, so tests are repeatable)."""
     torch.manual_seed(0)
     return Gemma3ForCausalLM(tiny_gemma_config()).eval()
-

@@ -312,7 +312,7 @@ def test_slim_tokenizer_encodes_and_saves_as_the_full_one(tmp_path, tokenizer_di
 
 
 def test_two_callers_asking_for_the_tiny_model_at_once_build_it_once(tmp_path, monkeypatch):
-    """Parallel test workers (make test runs 2) share the cache: the lock makes the second wait, then read."""
+    """Two kernels or scripts on first use share the cache: the lock makes the second wait, then read."""
     import threading
     import time
 
