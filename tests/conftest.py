@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, Gemma3ForCausalLM
+from transformers import Gemma3ForCausalLM
 
 from utils import chat, models
 from utils.models import tiny_gemma_config
+from utils.profiles import get_profile
 
 
 @pytest.fixture(scope="session")
@@ -19,8 +20,7 @@ def tokenizer_dir():
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
     """The real Gemma 3 tokenizer with the course's chat template installed (shared: restore what you change)."""
-    return chat.setup_tokenizer(models.slim_tokenizer(AutoTokenizer.from_pretrained(tokenizer_dir)),
-                               max_length=128)
+    return chat.setup_tokenizer(models.load_tokenizer(get_profile("cpu")), max_length=128)
 
 
 @pytest.fixture

@@ -148,7 +148,7 @@ def ensure_tiny_model() -> Path:
     if _is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(target.parent / f".{TINY_DIR_NAME}.lock"):  # one builder at a time (parallel test workers)
+    with FileLock(target.parent / f".{TINY_DIR_NAME}.lock"):  # one builder at a time; the others wait, then read
         if _is_complete(target):
             return target
         tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
@@ -171,10 +171,10 @@ def model_source(profile: Profile) -> str:
 
 def load_tokenizer(profile: Profile):
     """The base model's tokenizer, without a chat template yet (notebook 01 installs one)."""
-    return slim_tokenizer(AutoTokenizer.from_pretrained(model_source(profile)))
+    return _slim_tokenizer(AutoTokenizer.from_pretrained(model_source(profile)))
 
 
-def slim_tokenizer(tokenizer):
+def _slim_tokenizer(tokenizer):
     """Drop the Python copies of the vocabulary and merges Gemma's tokenizer was built from (262k and 515k entries).
 
     The Rust tokenizer holds its own; `datasets` hashes the Python copies on every `map` a trainer runs (3.5 s each)."""
